@@ -1,0 +1,3 @@
+from kleinfarm.producer.cli import main
+
+main()

@@ -1,0 +1,187 @@
+"""The ``kleinfarm`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kleinfarm.shared.errors import KleinfarmError
+from kleinfarm.shared.manifest import RESULT_FIELDS
+
+app = typer.Typer(help="kleinfarm: a render farm for FLUX.2 \\[klein] 9B-KV.", no_args_is_help=True)
+console = Console(stderr=True)
+EnvFile = Annotated[Path | None, typer.Option("--env-file", help="KLEINFARM_* settings file (e.g. .kleinfarm.env)")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+
+
+def _fail(error: KleinfarmError) -> NoReturn:
+    console.print(f"[red]error:[/red] {error}", highlight=False, markup=True)
+    raise typer.Exit(2)
+
+
+def _client(env_file: Path | None) -> Any:
+    from kleinfarm.producer.client import FarmClient
+
+    return FarmClient.from_env(env_file or _default_env_file())
+
+
+def _default_env_file() -> Path | None:
+    """``kleinfarm local`` writes ``.kleinfarm.env`` here; use it when present."""
+    path = Path(".kleinfarm.env")
+    return path if path.is_file() else None
+
+
+@app.command()
+def submit(
+    file: Path,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait; exit 0 only if every job succeeded")] = False,
+    as_json: AsJson = False,
+    name: Annotated[str | None, typer.Option(help="Campaign name (default: from the file)")] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Submit a campaign file (YAML or JSONL) and print its id."""
+    from kleinfarm.producer.campaign_files import load_campaign
+
+    try:
+        campaign = load_campaign(file, name)
+        handle = _client(env_file).submit(campaign)
+    except KleinfarmError as error:
+        _fail(error)
+    print(json.dumps({"campaign_id": handle.id, "jobs": len(campaign.jobs)}) if as_json else handle.id, flush=True)
+    if wait:
+        status = handle.wait(progress=not as_json)
+        if as_json:
+            print(json.dumps(status.as_dict()))
+        else:
+            _print_status(status.as_dict())
+        raise typer.Exit(0 if status.succeeded == status.total else 1)
+
+
+@app.command()
+def status(campaign_id: str, as_json: AsJson = False, env_file: EnvFile = None) -> None:
+    """Counts by state: total, pending, running, succeeded, failed, cancelled."""
+    try:
+        counts = _client(env_file).campaign(campaign_id).status().as_dict()
+    except KleinfarmError as error:
+        _fail(error)
+    print(json.dumps(counts)) if as_json else _print_status(counts)
+
+
+def _print_status(counts: dict[str, Any]) -> None:
+    table = Table("campaign", "total", "pending", "running", "succeeded", "failed", "cancelled")
+    table.add_row(*(str(counts[key]) for key in ("campaign_id", "total", "pending", "running",
+                                                  "succeeded", "failed", "cancelled")))
+    Console().print(table)
+
+
+@app.command()
+def results(
+    campaign_id: str,
+    as_json: AsJson = False,
+    download: Annotated[Path | None, typer.Option(help="Copy the images into this folder")] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """One line per job: job_id, state, key, error, seed, width, height."""
+    try:
+        handle = _client(env_file).campaign(campaign_id)
+        rows = handle.results()
+        if download:
+            files = handle.download(download)
+            from kleinfarm.producer.contact_sheet import write_contact_sheet
+
+            sheet = write_contact_sheet(files, download / "contact-sheet.png")
+            console.print(f"{len(files)} image(s) in {download}; contact sheet: {sheet}")
+    except KleinfarmError as error:
+        _fail(error)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(*RESULT_FIELDS)
+    for row in rows:
+        table.add_row(*("" if row[field] is None else str(row[field]) for field in RESULT_FIELDS))
+    Console().print(table)
+
+
+@app.command()
+def cancel(campaign_id: str, env_file: EnvFile = None) -> None:
+    """Cancel a whole campaign: queued jobs are dropped, running ones stop at their next step."""
+    try:
+        dropped = _client(env_file).campaign(campaign_id).cancel()
+    except KleinfarmError as error:
+        _fail(error)
+    console.print(f"cancelled {campaign_id}: {dropped} queued job(s) dropped")
+
+
+@app.command()
+def worker(
+    gpu: Annotated[int | None, typer.Option(help="CUDA device index to pin (default: CPU)")] = None,
+    model: Annotated[str | None, typer.Option(help="Hub id or local folder (default: KLEINFARM_MODEL)")] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Run one GPU worker (one process per card)."""
+    from kleinfarm.worker.main import run_worker
+
+    run_worker(gpu=gpu, model=model, env_file=env_file or _default_env_file())
+
+
+@app.command()
+def render(
+    prompt: Annotated[str, typer.Option(help="The prompt")],
+    out: Annotated[Path, typer.Option(help="PNG file to write")],
+    model: Annotated[str | None, typer.Option(help="Hub id or local folder")] = None,
+    ref: Annotated[list[str] | None, typer.Option(help="Reference image (repeat, up to 4)")] = None,
+    width: int = 1024,
+    height: int = 1024,
+    seed: int | None = None,
+    steps: int = 4,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu (default: cuda if present)")] = None,
+) -> None:
+    """Render one job locally, without Redis, Celery or S3."""
+    from kleinfarm.worker.local_render import render_one
+
+    try:
+        path, seed_used = render_one(prompt, out, model, ref or [], width, height, seed, steps, device)
+    except KleinfarmError as error:
+        _fail(error)
+    console.print(f"wrote {path} (seed {seed_used})")
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(folder: Path) -> None:
+    """Write a tiny random-weight FLUX.2 klein KV pipeline (images are noise; for tests and demos)."""
+    from kleinfarm.worker.tiny_model import make_tiny_model as build
+
+    console.print(f"tiny model written to {build(folder)}")
+
+
+@app.command()
+def local(
+    workers: Annotated[int, typer.Option(help="Worker processes to start")] = 1,
+    model: Annotated[str | None, typer.Option(help="Hub id or folder (default: a tiny model on CPU)")] = None,
+    env_file: Annotated[Path, typer.Option(help="Where to write the KLEINFARM_* settings")] = Path(".kleinfarm.env"),
+    demo: Annotated[bool, typer.Option(help="Submit examples/demo-campaign.yaml, show it, then stop")] = False,
+    demo_file: Annotated[Path, typer.Option(help="Campaign the demo submits")] = Path("examples/demo-campaign.yaml"),
+    out: Annotated[Path, typer.Option(help="Where the demo leaves its images")] = Path("kleinfarm-out"),
+) -> None:
+    """Run a whole farm on this machine: Redis, an S3 server, N workers. Ctrl-C stops it."""
+    from kleinfarm.producer.local import LocalFarm, run_demo
+
+    try:
+        with LocalFarm(workers=workers, model=model, env_file=env_file) as farm:
+            if demo:
+                run_demo(farm, demo_file, out)
+            else:
+                farm.serve_until_interrupted()
+    except KleinfarmError as error:
+        _fail(error)
+
+
+def main() -> None:
+    sys.exit(app())

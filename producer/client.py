@@ -1,0 +1,139 @@
+"""The Python client: submit campaigns, follow them, fetch their results, cancel them."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kleinfarm.shared.errors import FarmTimeoutError, JobSpecError
+from kleinfarm.shared.jobs import Campaign, EditJob
+from kleinfarm.shared.manifest import result_row, write_manifest
+from kleinfarm.shared.settings import FarmSettings
+from kleinfarm.shared.state import CampaignStatus, FarmState, NewJob
+from kleinfarm.shared.storage import Storage
+
+
+def new_campaign_id(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "campaign"
+    return f"{slug}-{secrets.token_hex(4)}"
+
+
+def prepare_jobs(campaign: Campaign) -> list[NewJob]:
+    """Give every job an id and a seed, refuse duplicate ids and missing local references."""
+    width = len(str(len(campaign.jobs)))
+    seen: set[str] = set()
+    missing: dict[str, bool] = {}
+    prepared = []
+    for index, job in enumerate(campaign.jobs):
+        job_id = job.id or f"job-{index:0{width}d}"
+        if job_id in seen:
+            raise JobSpecError(f"jobs[{index}].id: duplicate id {job_id!r}")
+        seen.add(job_id)
+        if isinstance(job, EditJob):
+            _check_local_references(job, index, missing)
+        seeded = job.with_seed()
+        spec = seeded.model_dump(mode="json", exclude={"id"})
+        shown = {"kind": seeded.kind, "seed": str(seeded.seed), "width": str(job.width), "height": str(job.height)}
+        prepared.append(NewJob(job_id=job_id, spec=spec, fields=shown))
+    return prepared
+
+
+def _check_local_references(job: EditJob, index: int, missing: dict[str, bool]) -> None:
+    for position, reference in enumerate(job.references):
+        if "://" in reference:
+            continue  # s3 and https are checked by the worker, which holds the credentials
+        if reference not in missing:
+            missing[reference] = not Path(reference).is_file()
+        if missing[reference]:
+            raise JobSpecError(f"jobs[{index}].references[{position}]: {reference} does not exist")
+
+
+@dataclass
+class CampaignHandle:
+    """A submitted campaign: ask for its status, wait for it, read its results, cancel it."""
+
+    client: FarmClient
+    id: str
+
+    def status(self) -> CampaignStatus:
+        return self.client.state.status(self.id)
+
+    def wait(self, progress: bool = True, timeout: float | None = None) -> CampaignStatus:
+        """Block until every job has ended, woken by the campaign's own state changes."""
+        from kleinfarm.producer.progress import CampaignProgress
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pubsub = self.client.state.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.client.state.events_channel(self.id))
+        try:
+            with CampaignProgress(self.id, enabled=progress) as bar:
+                while True:
+                    status = self.status()
+                    bar.update(status)
+                    if status.done:
+                        return status
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise FarmTimeoutError(f"campaign {self.id} not done after {timeout} s: {status.as_dict()}")
+                    # Any transition of this campaign publishes; the timeout only refreshes the bar.
+                    pubsub.get_message(timeout=1.0)
+                    while pubsub.get_message(timeout=0):
+                        pass
+        finally:
+            pubsub.close()
+
+    def results(self) -> list[dict[str, Any]]:
+        """One row per job: job_id, state, key, error, seed, width, height."""
+        return [result_row(record) for record in self.client.state.jobs(self.id)]
+
+    def cancel(self) -> int:
+        """Drop the queued jobs, stop the running ones at their next step; return jobs dropped."""
+        dropped = self.client.state.request_cancel(self.id)
+        if self.status().done:
+            write_manifest(self.client.state, self.client.storage, self.id)
+        return dropped
+
+    def download(self, folder: Path) -> list[Path]:
+        """Copy every finished image into ``folder``; return the files written."""
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for row in self.results():
+            if row["state"] == "succeeded" and row["key"]:
+                target = folder / f"{row['job_id']}.png"
+                target.write_bytes(self.client.storage.get(row["key"]))
+                written.append(target)
+        return written
+
+
+class FarmClient:
+    """Talks to the farm's Redis (and S3 for results); needs neither Celery workers nor torch."""
+
+    def __init__(self, settings: FarmSettings) -> None:
+        self.settings = settings
+        self.state = FarmState.from_url(settings.redis_url)
+        self._storage: Storage | None = None
+
+    @classmethod
+    def from_env(cls, env_file: Path | None = None) -> FarmClient:
+        return cls(FarmSettings.from_env(env_file))
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = Storage.from_settings(self.settings)
+        return self._storage
+
+    def submit(self, campaign: Campaign) -> CampaignHandle:
+        """Queue every job of ``campaign`` (pipelined) and return its handle."""
+        jobs = prepare_jobs(campaign)
+        campaign_id = new_campaign_id(campaign.name)
+        meta = {"name": campaign.name, "output_prefix": campaign.output_prefix or self.settings.output_prefix}
+        self.state.create_campaign(campaign_id, meta, campaign.priority, jobs)
+        return CampaignHandle(self, campaign_id)
+
+    def campaign(self, campaign_id: str) -> CampaignHandle:
+        self.state.campaign_meta(campaign_id)
+        return CampaignHandle(self, campaign_id)

@@ -1,0 +1,150 @@
+"""``kleinfarm local``: a whole farm on one machine, every part a child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from rich.console import Console
+
+from kleinfarm.producer.campaign_files import load_campaign
+from kleinfarm.producer.client import FarmClient
+from kleinfarm.producer.contact_sheet import write_contact_sheet
+from kleinfarm.producer.services import ChildService, RedisServer, S3Server
+from kleinfarm.shared.errors import ConfigError
+from kleinfarm.shared.registry import Registry
+from kleinfarm.shared.settings import FarmSettings
+from kleinfarm.shared.storage import Storage
+
+console = Console(stderr=True)
+WORKER_START_TIMEOUT_S = 120.0
+
+
+def tiny_model_folder(settings: FarmSettings) -> Path:
+    """The tiny model under the cache folder, built on first use."""
+    folder = settings.cache_dir / "tiny-model"
+    if not (folder / "model_index.json").is_file():
+        from kleinfarm.worker.tiny_model import make_tiny_model
+
+        make_tiny_model(folder)
+    return folder
+
+
+def worker_command(env_file: Path) -> list[str]:
+    return [sys.executable, "-m", "kleinfarm.producer", "worker", "--env-file", str(env_file)]
+
+
+class LocalFarm:
+    """Starts Redis and S3 unless the environment names them, then N workers; stops all on exit."""
+
+    def __init__(self, workers: int, model: str | None, env_file: Path) -> None:
+        self.settings = FarmSettings()
+        self.worker_count = workers
+        self.model = model
+        self.env_file = env_file.resolve()
+        self.services: list[ChildService] = []
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.log_dir = Path(".kleinfarm-local").resolve()
+
+    def __enter__(self) -> LocalFarm:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        overrides: dict[str, str] = {}
+        if "KLEINFARM_REDIS_URL" not in os.environ:
+            redis_server = RedisServer().start()
+            self.services.append(redis_server)
+            overrides["REDIS_URL"] = redis_server.url
+        if "KLEINFARM_S3_ENDPOINT_URL" not in os.environ:
+            s3 = S3Server().start()
+            self.services.append(s3)
+            overrides.update(S3_ENDPOINT_URL=s3.url, S3_ACCESS_KEY_ID=s3.access_key, S3_SECRET_ACCESS_KEY=s3.secret_key)
+        if self.model:
+            overrides["MODEL"] = self.model
+        elif "KLEINFARM_MODEL" not in os.environ:
+            overrides["MODEL"] = str(tiny_model_folder(self.settings))
+        self.settings = FarmSettings(**{key.lower(): value for key, value in overrides.items()})
+        Storage.from_settings(self.settings).ensure_bucket()
+        self._write_env_file(overrides)
+        self._start_workers()
+        console.print(f"farm ready: {self.worker_count} worker(s); settings in {self.env_file}")
+        console.print(f"  submit from another shell:  kleinfarm submit FILE --env-file {self.env_file}")
+
+    def _write_env_file(self, overrides: dict[str, str]) -> None:
+        lines = [f"KLEINFARM_{key}={value}" for key, value in overrides.items()]
+        self.env_file.write_text("\n".join(lines) + "\n")
+
+    def _start_workers(self) -> None:
+        self.log_dir.mkdir(exist_ok=True)
+        for index in range(self.worker_count):
+            log = (self.log_dir / f"worker-{index}.log").open("wb")
+            self.workers.append(
+                subprocess.Popen(
+                    worker_command(self.env_file), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+        registry = Registry(FarmClient(self.settings).state, self.settings.worker_lapse_s)
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        with console.status(f"starting {self.worker_count} worker(s) (logs in {self.log_dir})"):
+            while len(registry.live_workers()) < self.worker_count:
+                if any(worker.poll() is not None for worker in self.workers):
+                    raise ConfigError(f"a worker exited while starting: see {self.log_dir}")
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"workers not up after {WORKER_START_TIMEOUT_S} s: see {self.log_dir}")
+                time.sleep(0.2)
+
+    def serve_until_interrupted(self) -> None:
+        """Run until Ctrl-C or SIGTERM; a worker that dies stops the farm with a pointer to its log."""
+        console.print("Ctrl-C stops the farm.")
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            while True:
+                for index, worker in enumerate(self.workers):
+                    try:
+                        worker.wait(timeout=1.0 / max(len(self.workers), 1))
+                    except subprocess.TimeoutExpired:
+                        continue
+                    raise ConfigError(f"worker {index} exited ({worker.returncode}): see {self.log_dir}")
+        except KeyboardInterrupt:
+            console.print("stopping the farm")
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        for service in reversed(self.services):
+            service.stop()
+        self.workers, self.services = [], []
+
+
+def run_demo(farm: LocalFarm, campaign_file: Path, out: Path) -> None:
+    """Submit the demo campaign, show its progress, copy its images out of the (in-memory) S3."""
+    client = FarmClient(farm.settings)
+    handle = client.submit(load_campaign(campaign_file))
+    console.print(f"submitted {campaign_file} as campaign {handle.id}")
+    status = handle.wait(progress=True)
+    folder = out / handle.id
+    images = handle.download(folder)
+    sheet = write_contact_sheet(images, folder / "contact-sheet.png")
+    console.print(
+        f"{status.succeeded}/{status.total} succeeded, {status.failed} failed. "
+        f"Images are in {folder.resolve()}" + (f"; contact sheet: {sheet.resolve()}" if sheet else "")
+    )

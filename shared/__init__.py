@@ -1,0 +1,1 @@
+"""What producers and workers agree on: schemas, settings, keys, storage, routing, errors."""

@@ -1,0 +1,59 @@
+"""The one error hierarchy of kleinfarm.
+
+Every error a user can meet derives from :class:`KleinfarmError`; its message names the field and
+the limit, so the same text can end a job as ``failed`` or be printed by the CLI.
+"""
+
+from __future__ import annotations
+
+
+class KleinfarmError(Exception):
+    """Base class of every kleinfarm error."""
+
+
+class ConfigError(KleinfarmError):
+    """A setting is missing or invalid."""
+
+
+class JobSpecError(KleinfarmError):
+    """A job or campaign breaks the schema (empty prompt, bad size, unknown field, ...)."""
+
+
+class CampaignFileError(JobSpecError):
+    """A campaign file is not valid YAML or JSONL, or its content breaks the schema."""
+
+
+class ReferenceImageError(KleinfarmError):
+    """A reference image cannot be used; the base of the reference errors below."""
+
+
+class UnsupportedSchemeError(ReferenceImageError):
+    """A reference names a URL scheme other than s3, https or a local path."""
+
+
+class ReferenceNotFoundError(ReferenceImageError):
+    """A reference does not exist at its location."""
+
+
+class ReferenceInvalidError(ReferenceImageError):
+    """A reference is not a decodable image (wrong format or truncated)."""
+
+
+class ReferenceTooLargeError(ReferenceImageError):
+    """A reference exceeds the byte or pixel limit."""
+
+
+class StorageError(KleinfarmError):
+    """The object store refused or failed an operation."""
+
+
+class CampaignNotFoundError(KleinfarmError):
+    """No campaign with this id is known to the farm."""
+
+
+class JobCancelledError(KleinfarmError):
+    """The job's campaign was cancelled while it waited or rendered."""
+
+
+class FarmTimeoutError(KleinfarmError):
+    """Waiting for a campaign took longer than the caller allowed."""

@@ -1,0 +1,172 @@
+"""Job and campaign schemas: the contract between producers and workers (pydantic v2)."""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MIN_SIDE = 256
+MAX_SIDE = 2048
+SIDE_MULTIPLE = 16
+MAX_REFERENCES = 4
+MAX_SEED = 2**32 - 1
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class JobState(StrEnum):
+    """Where a job is in its life; the last three are terminal."""
+
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+def check_side(value: int, field: str) -> int:
+    """Return ``value`` if it is a valid output side, else raise ``ValueError`` naming the limit."""
+    if not MIN_SIDE <= value <= MAX_SIDE:
+        raise ValueError(f"{field}={value} is out of range: it must be between {MIN_SIDE} and {MAX_SIDE}")
+    if value % SIDE_MULTIPLE:
+        raise ValueError(f"{field}={value} is not a multiple of {SIDE_MULTIPLE}")
+    return value
+
+
+def check_reference_url(url: str) -> str:
+    """Accept ``s3://bucket/key``, ``https://...`` or a local path; refuse any other scheme."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        if not url.strip():
+            raise ValueError("a reference is empty")
+        return url
+    if scheme == "s3":
+        bucket, _, key = rest.partition("/")
+        if not bucket or not key:
+            raise ValueError(f"reference {url!r} must be s3://bucket/key")
+        return url
+    if scheme == "https":
+        return url
+    if scheme == "file":
+        return rest
+    raise ValueError(f"reference {url!r} has scheme {scheme!r}: only s3://, https:// and local paths are supported")
+
+
+class _JobBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = None
+    prompt: Annotated[str, Field(min_length=1, max_length=4000)]
+    width: int = 1024
+    height: int = 1024
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    steps: Annotated[int, Field(ge=1, le=50)] = 4
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt is empty")
+        return prompt
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, value: int, info: Any) -> int:
+        return check_side(value, info.field_name)
+
+    def with_seed(self) -> _JobBase:
+        """Return this job with a seed drawn now if it had none, so its image can be reproduced."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+
+
+class GenerateJob(_JobBase):
+    """Text to image."""
+
+    kind: Literal["generate"] = "generate"
+
+
+class EditJob(_JobBase):
+    """An edit conditioned on 1 to 4 ordered reference images."""
+
+    kind: Literal["edit"] = "edit"
+    references: Annotated[list[str], Field(min_length=1, max_length=MAX_REFERENCES)]
+
+    @field_validator("references")
+    @classmethod
+    def _references(cls, references: list[str]) -> list[str]:
+        return [check_reference_url(url) for url in references]
+
+
+Job = Annotated[GenerateJob | EditJob, Field(discriminator="kind")]
+
+
+class JobDefaults(BaseModel):
+    """Values a campaign applies to every job that does not set them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    seed: int | None = None
+    references: list[str] | None = None
+
+
+class Campaign(BaseModel):
+    """A named batch of jobs, submitted and tracked as one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    output_prefix: str | None = None
+    priority: int = 0
+    jobs: Annotated[list[Job], Field(min_length=1)]
+
+    @classmethod
+    def from_raw(cls, name: str, raw_jobs: list[dict[str, Any]], **fields: Any) -> Campaign:
+        """Build a campaign from plain job dicts, applying ``fields['defaults']`` first."""
+        defaults = JobDefaults.model_validate(fields.pop("defaults", None) or {})
+        jobs = [job_with_defaults(raw, defaults) for raw in raw_jobs]
+        return cls.model_validate({"name": name, "jobs": jobs, **fields})
+
+
+def job_with_defaults(raw: dict[str, Any], defaults: JobDefaults) -> dict[str, Any]:
+    """Merge ``defaults`` under ``raw`` and infer ``kind`` from the presence of references."""
+    merged = {**defaults.model_dump(exclude_none=True), **raw}
+    if raw.get("kind") == "generate" and "references" not in raw:
+        merged.pop("references", None)
+    merged.setdefault("kind", "edit" if merged.get("references") else "generate")
+    return merged
+
+
+def describe_validation_error(error: ValidationError, source: str = "") -> str:
+    """One line per problem, each naming the field path (``jobs[3].width``) and the limit."""
+    lines = []
+    for item in error.errors():
+        path = _field_path(item["loc"])
+        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        message = message.removeprefix("Value error, ")
+        lines.append(f"{source}{path}: {message}" if path else f"{source}{message}")
+    return "\n".join(lines)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if part in ("generate", "edit"):
+            continue  # the union's tag, not a field the user wrote
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path

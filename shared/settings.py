@@ -1,0 +1,42 @@
+"""Settings read from ``KLEINFARM_*`` environment variables (and an optional env file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.2-klein-9b-kv"
+
+
+class FarmSettings(BaseSettings):
+    """Everything a producer or a worker needs to reach the farm."""
+
+    model_config = SettingsConfigDict(env_prefix="KLEINFARM_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "kleinfarm"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    output_prefix: str = "kleinfarm"
+
+    model: str = DEFAULT_MODEL
+    gpu: int | None = Field(default=None, description="CUDA device index the worker pins; None = CPU")
+    cache_dir: Path = Path.home() / ".cache" / "kleinfarm"
+
+    reference_max_bytes: int = 50 * 1024 * 1024
+    reference_max_pixels: int = 40_000_000
+
+    heartbeat_s: float = 2.0
+    worker_lapse_s: float = 10.0
+    # Longer than the longest job, or kombu redelivers a running task (celery #5306, #5935).
+    visibility_timeout_s: int = 4 * 3600
+    worker_slots: int = Field(default=2, description="jobs a worker may hold: one running, one waiting")
+
+    @classmethod
+    def from_env(cls, env_file: Path | None = None) -> FarmSettings:
+        """Read the environment, then ``env_file`` for anything the environment leaves unset."""
+        return cls(_env_file=env_file) if env_file else cls()  # type: ignore[call-arg]

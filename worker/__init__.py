@@ -1,0 +1,1 @@
+"""The GPU worker: Celery tasks, the render engine, reference fetching and the dispatcher."""

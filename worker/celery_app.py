@@ -1,0 +1,33 @@
+"""The Celery application: Redis broker, JSON only, one job at a time per GPU process."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from kleinfarm.shared.settings import FarmSettings
+
+GENERATE_TASK = "kleinfarm.generate"
+EDIT_TASK = "kleinfarm.edit"
+
+
+def make_celery(settings: FarmSettings) -> Celery:
+    """A Celery app configured against the traps in FACTS.md ("Celery with Redis")."""
+    app = Celery("kleinfarm", broker=settings.redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],  # a pickled message is refused, never executed
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,  # the farm's own state in Redis is the record
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,  # prefetch defeats affinity and starves GPU tasks
+        task_reject_on_worker_lost=False,  # the registry requeues a lost job, with an attempt limit
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        worker_hijack_root_logger=False,
+        task_default_queue="kf.default",
+    )
+    return app

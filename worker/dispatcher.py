@@ -1,0 +1,133 @@
+"""Late binding: pending jobs go to a worker only when it has room, chosen with what it holds now.
+
+Every worker process runs a dispatcher thread; a Redis lock elects one leader at a time, so any
+number may run and the farm keeps dispatching when the leader dies. Each worker holds at most
+``worker_slots`` jobs (one running, one waiting), so no job waits behind a busy or dead worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+from redis.exceptions import LockError, RedisError
+
+from kleinfarm.shared.jobs import JobState
+from kleinfarm.shared.registry import Registry, WorkerView, assigned_key
+from kleinfarm.shared.routing import pick_worker
+from kleinfarm.shared.state import PENDING, PREFIX, WAKE, FarmState, campaign_of, job_key
+from kleinfarm.worker.celery_app import EDIT_TASK, GENERATE_TASK
+
+log = logging.getLogger(__name__)
+LOCK = f"{PREFIX}:dispatcher:lock"
+
+
+class Dispatcher:
+    """Moves jobs from the pending queue to workers' own Celery queues."""
+
+    def __init__(self, app: Celery, state: FarmState, registry: Registry, tick_s: float) -> None:
+        self.app = app
+        self.state = state
+        self.registry = registry
+        self.tick_s = tick_s
+        self.stopping = threading.Event()
+        self._lock = state.redis.lock(LOCK, timeout=max(3 * tick_s, 5.0))
+        self._leading = False
+
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.tick()
+            except RedisError:
+                log.exception("dispatcher lost Redis; retrying")
+                self._leading = False
+                self.stopping.wait(self.tick_s)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._leading:
+            try:
+                self._lock.release()
+            except LockError:
+                pass
+
+    def tick(self) -> None:
+        """Lead if we can; reap lapsed workers; dispatch; then wait for the next wake-up."""
+        if not self._lead():
+            self.stopping.wait(self.tick_s)
+            return
+        for worker_id in self.registry.lapsed_workers():
+            requeued = self.registry.retire(worker_id, reason=f"heartbeat of {worker_id} lapsed")
+            log.warning("worker %s lapsed: %d job(s) requeued", worker_id, requeued)
+        self.dispatch()
+        # Block on the wake list, not a timer: submissions and finished jobs push to it.
+        self.state.redis.blpop([WAKE], timeout=self.tick_s)
+        self.state.redis.delete(WAKE)
+
+    def _lead(self) -> bool:
+        if self._leading:
+            try:
+                self._lock.reacquire()
+                return True
+            except LockError:
+                self._leading = False
+                return False
+        if self._lock.acquire(blocking=False):
+            self._leading = True
+            self._republish_unclaimed()
+        return self._leading
+
+    def dispatch(self) -> int:
+        """Fill every worker's free slots from the pending queue; return jobs dispatched."""
+        workers = self.registry.live_workers()
+        dispatched = 0
+        while (worker := pick_worker(workers)) is not None:
+            members: list[str] = self.state.redis.zrange(PENDING, 0, 0)  # type: ignore[assignment]
+            if not members:
+                break
+            attempt = self.state.assign(members[0], worker.worker_id, assigned_key(worker.worker_id))
+            if attempt:
+                self.publish(members[0], attempt, worker)
+                worker.assigned += 1
+                dispatched += 1
+        return dispatched
+
+    def publish(self, member: str, attempt: int, worker: WorkerView) -> None:
+        """Send the job as a Celery task to the worker's queue, with arguments Flower can show."""
+        record = self.state.job(member)
+        spec: dict[str, Any] = json.loads(record["spec"])
+        references = spec.get("references") or []
+        self.app.send_task(
+            EDIT_TASK if references else GENERATE_TASK,
+            kwargs={
+                "job": member,
+                "attempt": attempt,
+                "campaign": campaign_of(member),
+                "prompt": spec["prompt"][:200],
+                "size": f"{spec['width']}x{spec['height']}",
+                "seed": spec.get("seed"),
+                "references": len(references),
+            },
+            queue=worker.queue,
+            task_id=f"{member.replace('/', '.')}.{attempt}",
+        )
+
+    def _republish_unclaimed(self) -> None:
+        """A new leader re-sends what its predecessor assigned but may have died before sending.
+
+        The attempt is bumped, so if the old message did arrive its claim fails and it is skipped.
+        """
+        for worker in self.registry.live_workers():
+            for member in self.registry.assigned(worker.worker_id):
+                attempt = self.state.redis.hget(job_key(member), "attempt")
+                if attempt is None:
+                    continue
+                bumped = str(int(str(attempt)) + 1)
+                outcome = self.state.transition(
+                    member, JobState.ASSIGNED, [JobState.ASSIGNED], if_attempt=str(attempt), attempt=bumped
+                )
+                if outcome.changed:
+                    self.publish(member, int(bumped), worker)

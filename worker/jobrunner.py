@@ -1,0 +1,135 @@
+"""One job, start to end: claim, fetch references, render, store once, record the outcome."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from PIL import PngImagePlugin
+from pydantic import TypeAdapter
+
+from kleinfarm.shared.errors import JobCancelledError, KleinfarmError
+from kleinfarm.shared.jobs import EditJob, GenerateJob, Job, JobState
+from kleinfarm.shared.manifest import output_key, write_manifest
+from kleinfarm.shared.refset import reference_set_key
+from kleinfarm.shared.state import campaign_of
+from kleinfarm.worker.context import WorkerContext
+from kleinfarm.worker.engine import RenderResult
+
+log = logging.getLogger(__name__)
+JOB_ADAPTER: TypeAdapter[GenerateJob | EditJob] = TypeAdapter(Job)
+EventSender = Callable[..., Any]
+HELD = [JobState.RUNNING]
+
+
+def run_job(context: WorkerContext, member: str, attempt: int, send_event: EventSender) -> str:
+    """Run ``member`` if this delivery still holds it; return the job's final state."""
+    state, worker = context.state, context.worker_id
+    claim = state.transition(
+        member, JobState.RUNNING, [JobState.ASSIGNED], if_attempt=str(attempt), if_worker=worker, started=str(time.time())
+    )
+    if not claim.changed:
+        # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
+        log.info("skipping %s attempt %s: it is %s", member, attempt, claim.previous or "unknown")
+        return claim.previous
+    try:
+        return _finish(context, member, attempt, *_execute(context, member, send_event))
+    finally:
+        context.registry.release(worker, member)
+
+
+def _execute(context: WorkerContext, member: str, send_event: EventSender) -> tuple[JobState, dict[str, str]]:
+    campaign_id = campaign_of(member)
+    try:
+        if context.state.cancel_requested(campaign_id):
+            raise JobCancelledError("campaign cancelled")
+        record = context.state.job(member)
+        job = JOB_ADAPTER.validate_json(record["spec"])
+        return JobState.SUCCEEDED, _render_and_store(context, member, job, send_event)
+    except JobCancelledError as error:
+        return JobState.CANCELLED, {"error": str(error)}
+    except KleinfarmError as error:
+        return JobState.FAILED, {"error": str(error)}
+    except Exception as error:  # noqa: BLE001 - one bad job must not take the worker down
+        log.exception("job %s failed unexpectedly", member)
+        return JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}
+
+
+def _render_and_store(
+    context: WorkerContext, member: str, job: GenerateJob | EditJob, send_event: EventSender
+) -> dict[str, str]:
+    campaign_id = campaign_of(member)
+    fetch_started = time.perf_counter()
+    references = [context.fetcher.fetch(url) for url in getattr(job, "references", [])]
+    fields: dict[str, str] = {}
+    if references:
+        fields["refset"] = reference_set_key(context.engine.model, [ref.digest for ref in references])
+    fetch_s = time.perf_counter() - fetch_started
+
+    def on_step(done: int, total: int) -> None:
+        context.state.set_progress(member, done, total)
+        send_event("task-progress", job=member, step=done, total=total)
+        if done < total and context.state.cancel_requested(campaign_id):
+            raise JobCancelledError(f"campaign cancelled at step {done} of {total}")
+
+    result = context.engine.render(job, [ref.image for ref in references], on_step)
+    result.timings["fetch_s"] = round(fetch_s, 4)
+    meta = context.state.campaign_meta(campaign_id)
+    key = output_key(meta["output_prefix"], campaign_id, member.split("/", 1)[1])
+    upload_started = time.perf_counter()
+    wrote = context.storage.put_if_absent(key, *_png(context, member, job, result, fields.get("refset")))
+    result.timings["upload_s"] = round(time.perf_counter() - upload_started, 4)
+    if not wrote:
+        log.info("%s already in storage: an earlier attempt wrote it; not writing it twice", key)
+    return {**fields, "key": key, "timings": json.dumps(result.timings)}
+
+
+def _png(
+    context: WorkerContext, member: str, job: GenerateJob | EditJob, result: RenderResult, refset: str | None
+) -> tuple[bytes, str, dict[str, str]]:
+    """PNG bytes carrying the full record; S3 metadata carries an ASCII subset."""
+    record = {
+        "job": member,
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "width": job.width,
+        "height": job.height,
+        "steps": job.steps,
+        "model": context.engine.model,
+        "references": getattr(job, "references", []),
+        "refset": refset,
+        "timings": result.timings,
+    }
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("kleinfarm", json.dumps(record))
+    buffer = io.BytesIO()
+    result.image.save(buffer, format="PNG", pnginfo=info)
+    ascii_meta = {
+        "job": member,
+        "seed": str(job.seed),
+        "size": f"{job.width}x{job.height}",
+        "model": context.engine.model.encode("ascii", "replace").decode()[:200],
+        "refset": refset or "",
+        "prompt": job.prompt.encode("ascii", "replace").decode()[:1000],
+        "render-s": str(result.timings.get("render_s", "")),
+    }
+    return buffer.getvalue(), "image/png", ascii_meta
+
+
+def _finish(context: WorkerContext, member: str, attempt: int, final: JobState, fields: dict[str, str]) -> str:
+    fields["finished"] = str(time.time())
+    outcome = context.state.transition(
+        member, final, HELD, if_attempt=str(attempt), if_worker=context.worker_id, **fields
+    )
+    if not outcome.changed:
+        log.warning("%s was taken from this worker while it ran (now %s)", member, outcome.previous)
+        return outcome.previous
+    context.counters[str(final)] = context.counters.get(str(final), 0) + 1
+    if outcome.closed_campaign:
+        write_manifest(context.state, context.storage, campaign_of(member))
+    log.info("%s %s%s", member, final, f": {fields['error']}" if "error" in fields else "")
+    return str(final)

@@ -1,0 +1,85 @@
+"""``kleinfarm worker``: one Celery worker process per GPU, with heartbeat and dispatcher threads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kleinfarm.shared.settings import FarmSettings
+
+if TYPE_CHECKING:
+    from kleinfarm.worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def pin_gpu(gpu: int | None) -> None:
+    """Make ``gpu`` the only visible card; must run before torch is imported."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def run_worker(gpu: int | None = None, model: str | None = None, env_file: Path | None = None) -> None:
+    """Load the model once, join the farm, and serve jobs until stopped."""
+    pin_gpu(gpu)
+    settings = FarmSettings.from_env(env_file)
+    if model:
+        settings.model = model
+    if gpu is not None:
+        settings.gpu = gpu
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    # Imported only now: torch must not initialise CUDA before the card is pinned.
+    from kleinfarm.worker import context
+    from kleinfarm.worker.celery_app import make_celery
+    from kleinfarm.worker.context import WorkerContext, new_worker_id
+    from kleinfarm.worker.dispatcher import Dispatcher
+    from kleinfarm.worker.engine import RenderEngine
+    from kleinfarm.worker.tasks import register_tasks
+
+    engine = RenderEngine.load(settings.model, "cuda" if gpu is not None else None)
+    ctx = WorkerContext.build(settings, engine, new_worker_id(gpu))
+    context.install(ctx)
+    app = make_celery(settings)
+    register_tasks(app)
+    dispatcher = Dispatcher(app, ctx.state, ctx.registry, settings.heartbeat_s)
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_heartbeat, args=(ctx, stop), name="heartbeat", daemon=True),
+        threading.Thread(target=dispatcher.run_forever, name="dispatcher", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    log.info("worker %s serving queue %s", ctx.worker_id, ctx.queue)
+    try:
+        # Solo pool: the task runs in this process, which never forks after CUDA is initialised.
+        app.worker_main(
+            ["worker", "--pool=solo", "--concurrency=1", "-Q", ctx.queue, "-n", f"{ctx.worker_id}@%h",
+             "--loglevel=INFO", "--without-gossip", "--without-mingle", "-E"]
+        )
+    finally:
+        stop.set()
+        dispatcher.stop()
+        requeued = ctx.registry.retire(ctx.worker_id, reason="worker stopped")
+        log.info("worker %s stopped; %d waiting job(s) handed back", ctx.worker_id, requeued)
+
+
+def _heartbeat(ctx: WorkerContext, stop: threading.Event) -> None:
+    while not stop.is_set():
+        ctx.registry.heartbeat(ctx.worker_id, _worker_info(ctx))
+        stop.wait(ctx.settings.heartbeat_s)
+
+
+def _worker_info(ctx: WorkerContext) -> dict[str, object]:
+    return {
+        "queue": ctx.queue,
+        "gpu": "" if ctx.settings.gpu is None else str(ctx.settings.gpu),
+        "device": ctx.engine.device,
+        "model": ctx.engine.model,
+        "slots": str(ctx.settings.worker_slots),
+        "pid": str(os.getpid()),
+        "counters": ctx.counters,
+    }

@@ -1,0 +1,144 @@
+"""Reference images: fetched from S3, HTTPS or a local path, checked, and cached by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from kleinfarm.shared.errors import (
+    ReferenceInvalidError,
+    ReferenceNotFoundError,
+    ReferenceTooLargeError,
+    UnsupportedSchemeError,
+)
+from kleinfarm.shared.refset import content_digest
+from kleinfarm.shared.settings import FarmSettings
+from kleinfarm.shared.storage import Storage, split_s3_url
+
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
+MIN_SIDE = 64  # diffusers' Flux2ImageProcessor.check_image_input refuses smaller
+MAX_ASPECT = 8
+HTTP_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A checked reference: where it came from, its content digest and its decoded image."""
+
+    url: str
+    digest: str
+    image: Image.Image
+
+
+class ReferenceFetcher:
+    """Fetches and checks references; keeps their bytes on local disk by content hash."""
+
+    def __init__(self, storage: Storage, settings: FarmSettings) -> None:
+        self.storage = storage
+        self.max_bytes = settings.reference_max_bytes
+        self.max_pixels = settings.reference_max_pixels
+        self.cache_dir = settings.cache_dir / "references"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def fetch(self, url: str) -> Reference:
+        data = self._read(url)
+        digest = content_digest(data)
+        self._remember(digest, data)
+        return Reference(url, digest, self.check(url, data))
+
+    def check(self, url: str, data: bytes) -> Image.Image:
+        """Decode ``data`` within the limits; raise a reference error naming the limit broken."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ReferenceTooLargeError(f"reference {url} has too many pixels: {error}") from error
+        except (UnidentifiedImageError, OSError) as error:
+            raise ReferenceInvalidError(f"reference {url} is not an image (PNG, JPEG or WebP)") from error
+        if image.format not in ALLOWED_FORMATS:
+            raise ReferenceInvalidError(f"reference {url} is {image.format}: only PNG, JPEG and WebP are accepted")
+        width, height = image.size
+        if width * height > self.max_pixels:
+            raise ReferenceTooLargeError(
+                f"reference {url} is {width}x{height} = {width * height} pixels: "
+                f"the limit is {self.max_pixels} (KLEINFARM_REFERENCE_MAX_PIXELS)"
+            )
+        if min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
+            raise ReferenceInvalidError(
+                f"reference {url} is {width}x{height}: sides must be at least {MIN_SIDE} px "
+                f"and the aspect ratio at most {MAX_ASPECT}:1"
+            )
+        try:
+            image.load()
+        except (OSError, SyntaxError) as error:
+            raise ReferenceInvalidError(f"reference {url} is truncated or corrupt: {error}") from error
+        return image.convert("RGB")
+
+    def _read(self, url: str) -> bytes:
+        scheme, sep, _ = url.partition("://")
+        if not sep or scheme == "file":
+            return self._read_local(Path(url.removeprefix("file://")))
+        if scheme == "s3":
+            return self._read_s3(url)
+        if scheme == "https":
+            return self._read_https(url)
+        raise UnsupportedSchemeError(f"reference {url!r}: only s3://, https:// and local paths are supported")
+
+    def _limit(self, url: str, data: bytes) -> bytes:
+        if len(data) > self.max_bytes:
+            raise self._too_many_bytes(url)
+        return data
+
+    def _too_many_bytes(self, url: str) -> ReferenceTooLargeError:
+        return ReferenceTooLargeError(
+            f"reference {url} is over {self.max_bytes} bytes: the limit is {self.max_bytes} "
+            "(KLEINFARM_REFERENCE_MAX_BYTES)"
+        )
+
+    def _read_local(self, path: Path) -> bytes:
+        if not path.is_file():
+            raise ReferenceNotFoundError(f"reference {path} does not exist")
+        if path.stat().st_size > self.max_bytes:
+            raise self._too_many_bytes(str(path))
+        return path.read_bytes()
+
+    def _read_s3(self, url: str) -> bytes:
+        """Skip the download when the object's ETag says we already hold its bytes."""
+        bucket, key = split_s3_url(url)
+        etag = self.storage.etag(key, bucket=bucket)
+        index = self.cache_dir / "s3" / hashlib.sha256(f"{bucket}/{key}@{etag}".encode()).hexdigest()
+        if index.is_file():
+            cached = self.cache_dir / index.read_text().strip()
+            if cached.is_file():
+                return cached.read_bytes()
+        data = self._limit(url, self.storage.get(key, bucket=bucket, max_bytes=self.max_bytes))
+        index.parent.mkdir(parents=True, exist_ok=True)
+        index.write_text(content_digest(data))
+        return data
+
+    def _read_https(self, url: str) -> bytes:
+        request = urllib.request.Request(url, headers={"User-Agent": "kleinfarm"})
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:  # noqa: S310
+                return self._limit(url, response.read(self.max_bytes + 1))
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                raise ReferenceNotFoundError(f"reference {url} does not exist (HTTP 404)") from error
+            raise ReferenceNotFoundError(f"reference {url} could not be fetched: HTTP {error.code}") from error
+        except urllib.error.URLError as error:
+            raise ReferenceNotFoundError(f"reference {url} could not be fetched: {error.reason}") from error
+
+    def _remember(self, digest: str, data: bytes) -> None:
+        path = self.cache_dir / digest
+        if not path.exists():
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(data)
+            tmp.replace(path)

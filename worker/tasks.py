@@ -1,0 +1,21 @@
+"""The Celery tasks. Their arguments are what Flower shows: readable, and never a secret."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+
+from kleinfarm.worker import context
+from kleinfarm.worker.celery_app import EDIT_TASK, GENERATE_TASK
+from kleinfarm.worker.jobrunner import run_job
+
+
+def register_tasks(app: Celery) -> None:
+    """Register ``kleinfarm.generate`` and ``kleinfarm.edit`` on ``app``; both run one farm job."""
+
+    def render(task: Task, job: str, attempt: int, **shown: Any) -> str:
+        return run_job(context.current(), job, attempt, task.send_event)
+
+    for name in (GENERATE_TASK, EDIT_TASK):
+        app.task(name=name, bind=True, acks_late=True, ignore_result=True)(render)
