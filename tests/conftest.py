@@ -1,0 +1,137 @@
+"""Real services for the tests: redis-server, an S3 server (moto), the tiny model, worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kleinfarm.producer.client import FarmClient
+from kleinfarm.producer.services import RedisServer, S3Server
+from kleinfarm.shared.registry import Registry
+from kleinfarm.shared.settings import FarmSettings
+from kleinfarm.shared.storage import Storage
+
+TEST_PIXEL_LIMIT = 1_000_000
+WORKER_START_S = 120.0
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    with S3Server() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kleinfarm.worker.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def farm_env(
+    redis_server: RedisServer, s3_server: S3Server, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """The KLEINFARM_* settings of the test farm."""
+    env = {
+        "KLEINFARM_REDIS_URL": redis_server.url,
+        "KLEINFARM_S3_ENDPOINT_URL": s3_server.url,
+        "KLEINFARM_S3_ACCESS_KEY_ID": s3_server.access_key,
+        "KLEINFARM_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "KLEINFARM_S3_BUCKET": "farm-test",
+        "KLEINFARM_MODEL": str(tiny_model),
+        "KLEINFARM_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        "KLEINFARM_HEARTBEAT_S": "0.5",
+        "KLEINFARM_WORKER_LAPSE_S": "3",
+        "KLEINFARM_REFERENCE_MAX_PIXELS": str(TEST_PIXEL_LIMIT),
+    }
+    Storage.from_settings(settings_from(env)).ensure_bucket()
+    return env
+
+
+def settings_from(env: dict[str, str]) -> FarmSettings:
+    return FarmSettings(**{key.removeprefix("KLEINFARM_").lower(): value for key, value in env.items()})
+
+
+@pytest.fixture(scope="session")
+def settings(farm_env: dict[str, str]) -> FarmSettings:
+    return settings_from(farm_env)
+
+
+@pytest.fixture(scope="session")
+def client(settings: FarmSettings) -> FarmClient:
+    return FarmClient(settings)
+
+
+@pytest.fixture(scope="session")
+def storage(settings: FarmSettings) -> Storage:
+    return Storage.from_settings(settings)
+
+
+@dataclass
+class WorkerPool:
+    """Real ``kleinfarm worker`` processes, each logging to its own file."""
+
+    env: dict[str, str]
+    log_dir: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, count: int = 1) -> list[subprocess.Popen[bytes]]:
+        started = []
+        for _ in range(count):
+            log = (self.log_dir / f"worker-{len(self.processes)}.log").open("wb")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kleinfarm.producer", "worker"],
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            self.processes.append(process)
+            started.append(process)
+        self.wait_live(len(self.alive()))
+        return started
+
+    def alive(self) -> list[subprocess.Popen[bytes]]:
+        return [process for process in self.processes if process.poll() is None]
+
+    def wait_live(self, count: int) -> None:
+        registry = Registry(FarmClient(settings_from(self.env)).state, lapse_s=3)
+        deadline = time.monotonic() + WORKER_START_S
+        while len(registry.live_workers()) != count:
+            assert time.monotonic() < deadline, f"{count} workers not live; logs in {self.log_dir}"
+            assert all(process.poll() is None for process in self.alive())
+            time.sleep(0.1)
+
+    def logs(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for process in self.alive():
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="session")
+def workers(farm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
+    """Two worker processes serving the test farm for the whole session."""
+    pool = WorkerPool(farm_env, tmp_path_factory.mktemp("worker-logs"))
+    pool.start(2)
+    yield pool
+    pool.stop()

@@ -1,0 +1,181 @@
+"""The farm end to end: real Redis, S3 server and worker processes on the tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from PIL import Image
+
+from conftest import TEST_PIXEL_LIMIT, WorkerPool
+from kleinfarm.producer.client import FarmClient
+from kleinfarm.shared.jobs import Campaign
+from kleinfarm.shared.registry import Registry
+from kleinfarm.shared.state import PENDING
+from kleinfarm.shared.storage import Storage
+
+REFS = Path(__file__).parent.parent / "examples" / "refs"
+WAIT_S = 300
+
+
+def upload_reference(storage: Storage, key: str, data: bytes) -> str:
+    storage.client.put_object(Bucket=storage.bucket, Key=key, Body=data)
+    return f"s3://{storage.bucket}/{key}"
+
+
+def png_bytes(size: tuple[int, int], color: str = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_mixed_campaign_ends_with_every_image_in_s3_and_a_complete_manifest(
+    client: FarmClient, storage: Storage, workers: WorkerPool
+) -> None:
+    s3_ref = upload_reference(storage, "inputs/mug.png", (REFS / "product-mug.png").read_bytes())
+    campaign = Campaign.from_raw(
+        "mixed",
+        [
+            {"prompt": "a mug", "width": 256, "height": 256},
+            {"prompt": "a lamp", "width": 320, "height": 256},
+            {"id": "edit-local", "prompt": "on brand", "references": [str(REFS / "product-mug.png")]},
+            {"id": "edit-s3", "prompt": "two refs", "references": [s3_ref, str(REFS / "logo.png")], "height": 384},
+        ],
+        defaults={"width": 256, "height": 256},
+    )
+    handle = client.submit(campaign)
+    status = handle.wait(progress=False, timeout=WAIT_S)
+    assert (status.succeeded, status.failed, status.pending, status.running) == (4, 0, 0, 0)
+
+    rows = {row["job_id"]: row for row in handle.results()}
+    expected_sizes = {"job-0": (256, 256), "job-1": (320, 256), "edit-local": (256, 256), "edit-s3": (256, 384)}
+    for job_id, size in expected_sizes.items():
+        row = rows[job_id]
+        assert row["key"] == f"kleinfarm/{handle.id}/{job_id}.png"
+        image = Image.open(io.BytesIO(storage.get(row["key"])))
+        image.load()
+        assert image.size == size == (row["width"], row["height"])
+        assert json.loads(image.info["kleinfarm"])["seed"] == row["seed"]
+
+    manifest = storage.get(f"kleinfarm/{handle.id}/manifest.jsonl").decode().splitlines()
+    lines = [json.loads(line) for line in manifest]
+    assert sorted(line["job_id"] for line in lines) == sorted(expected_sizes)
+    assert all(line["state"] == "succeeded" and line["key"] for line in lines)
+    by_id = {line["job_id"]: line for line in lines}
+    assert by_id["edit-s3"]["refset"].startswith("rs-") and by_id["job-0"]["refset"] is None
+
+
+def test_the_same_seed_gives_the_same_image(client: FarmClient, storage: Storage, workers: WorkerPool) -> None:
+    job = {"prompt": "a lamp", "width": 256, "height": 256, "seed": 1234, "references": [str(REFS / "logo.png")]}
+    first = client.submit(Campaign.from_raw("seed-a", [job]))
+    second = client.submit(Campaign.from_raw("seed-b", [job, {**job, "seed": 99}]))
+    first.wait(progress=False, timeout=WAIT_S)
+    second.wait(progress=False, timeout=WAIT_S)
+
+    def pixels(handle: object, index: int) -> bytes:
+        key = handle.results()[index]["key"]  # type: ignore[attr-defined]
+        return Image.open(io.BytesIO(storage.get(key))).tobytes()
+
+    assert pixels(first, 0) == pixels(second, 0)
+    assert pixels(second, 0) != pixels(second, 1)
+
+
+def test_bad_references_fail_their_jobs_with_a_clear_message_while_the_rest_succeed(
+    client: FarmClient, storage: Storage, workers: WorkerPool, tmp_path: Path
+) -> None:
+    good = png_bytes((300, 300))
+    truncated = upload_reference(storage, "inputs/truncated.png", good[: len(good) // 2])
+    not_image = upload_reference(storage, "inputs/notes.png", b"these are notes, not pixels")
+    huge = upload_reference(storage, "inputs/huge.png", png_bytes((1100, 1000)))
+    missing = f"s3://{storage.bucket}/inputs/does-not-exist.png"
+    jobs = {
+        "truncated": truncated,
+        "not-image": not_image,
+        "huge": huge,
+        "missing": missing,
+    }
+    raw = [{"id": job_id, "prompt": "p", "references": [url]} for job_id, url in jobs.items()]
+    raw.append({"id": "fine", "prompt": "p", "references": [upload_reference(storage, "inputs/ok.png", good)]})
+    handle = client.submit(Campaign.from_raw("bad-refs", raw, defaults={"width": 256, "height": 256}))
+    status = handle.wait(progress=False, timeout=WAIT_S)
+    assert (status.succeeded, status.failed) == (1, 4)
+
+    errors = {row["job_id"]: row["error"] for row in handle.results()}
+    assert errors["fine"] is None
+    assert errors["truncated"] == f"reference {truncated} is truncated or corrupt: image file is truncated"
+    assert errors["not-image"] == f"reference {not_image} is not an image (PNG, JPEG or WebP)"
+    assert errors["huge"] == (
+        f"reference {huge} is 1100x1000 = 1100000 pixels: the limit is {TEST_PIXEL_LIMIT} "
+        "(KLEINFARM_REFERENCE_MAX_PIXELS)"
+    )
+    assert errors["missing"] == f"{missing} does not exist"
+    assert len(workers.alive()) == 2
+
+
+def test_a_pickled_message_is_refused_and_never_runs(client: FarmClient, workers: WorkerPool) -> None:
+    registry = Registry(client.state, lapse_s=3)
+    target = registry.live_workers()[0]
+    sender = Celery(broker=client.settings.redis_url)
+    sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
+    sender.send_task("kleinfarm.generate", kwargs={"job": "evil/job", "attempt": 1}, queue=target.queue)
+
+    deadline = time.monotonic() + 60
+    while "Refusing to deserialize untrusted content of type pickle" not in workers.logs():
+        assert time.monotonic() < deadline, "the worker never reported refusing the pickled message"
+        time.sleep(0.1)
+    assert client.state.redis.llen(target.queue) == 0
+    assert "evil/job" not in workers.logs().split("Refusing to deserialize")[0]
+    # The worker is still there and serving.
+    handle = client.submit(Campaign.from_raw("after-pickle", [{"prompt": "p", "width": 256, "height": 256}]))
+    assert handle.wait(progress=False, timeout=WAIT_S).succeeded == 1
+
+
+def test_cancel_drops_queued_jobs_and_the_farm_goes_on(client: FarmClient, storage: Storage, workers: WorkerPool) -> None:
+    big = [{"prompt": f"job {i}", "width": 1024, "height": 1024} for i in range(30)]
+    handle = client.submit(Campaign.from_raw("to-cancel", big))
+    dropped = handle.cancel()
+    status = handle.wait(progress=False, timeout=WAIT_S)
+    assert dropped > 0 and status.done and status.cancelled >= dropped
+    assert status.succeeded + status.cancelled == 30 and status.failed == 0
+    assert status.cancelled >= 26  # each worker held at most two jobs when the cancel came
+    members = client.state.redis.zrange(PENDING, 0, -1)
+    assert not [member for member in members if str(member).startswith(handle.id)]
+    manifest = storage.get(f"kleinfarm/{handle.id}/manifest.jsonl").decode().splitlines()
+    assert len(manifest) == 30
+
+    after = client.submit(Campaign.from_raw("after-cancel", [{"prompt": "p", "width": 256, "height": 256}]))
+    assert after.wait(progress=False, timeout=WAIT_S).succeeded == 1
+
+
+def test_status_and_results_answer_from_a_fresh_client(client: FarmClient, workers: WorkerPool) -> None:
+    handle = client.submit(Campaign.from_raw("restart", [{"prompt": "p", "width": 256, "height": 256}]))
+    handle.wait(progress=False, timeout=WAIT_S)
+    fresh = FarmClient(client.settings).campaign(handle.id)
+    assert fresh.status().as_dict() == handle.status().as_dict()
+    assert fresh.results()[0]["state"] == "succeeded"
+
+
+def test_a_retried_job_never_writes_a_second_copy(storage: Storage) -> None:
+    assert storage.put_if_absent("dup/one.png", b"first", "image/png", {}) is True
+    assert storage.put_if_absent("dup/one.png", b"second", "image/png", {}) is False
+    assert storage.get("dup/one.png") == b"first"
+
+
+def test_submitting_ten_thousand_jobs_is_pipelined(client: FarmClient) -> None:
+    jobs = [{"prompt": f"product {i}", "width": 256, "height": 256} for i in range(10_000)]
+    campaign = Campaign.from_raw("big", jobs, priority=-100)
+    handle = client.submit(campaign)
+    assert handle.status().total == 10_000
+    handle.cancel()
+    assert handle.status().cancelled >= 9_990
+
+
+def test_an_unknown_campaign_is_reported_by_id(client: FarmClient) -> None:
+    from kleinfarm.shared.errors import CampaignNotFoundError
+
+    with pytest.raises(CampaignNotFoundError, match="campaign 'nope' is not known"):
+        client.campaign("nope")

@@ -1,0 +1,121 @@
+"""Bad input is refused at submit time with a message naming the field and the limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from kleinfarm.producer.campaign_files import load_campaign
+from kleinfarm.producer.client import prepare_jobs
+from kleinfarm.shared.errors import CampaignFileError, JobSpecError
+from kleinfarm.shared.jobs import Campaign, EditJob, GenerateJob, describe_validation_error
+from kleinfarm.shared.refset import reference_set_key
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def error_text(raw_jobs: list[dict[str, object]]) -> str:
+    with pytest.raises(ValidationError) as caught:
+        Campaign.from_raw("bad", raw_jobs)
+    return describe_validation_error(caught.value)
+
+
+def test_an_empty_prompt_is_refused_naming_the_field() -> None:
+    assert error_text([{"prompt": "   "}]) == "jobs[0].prompt: prompt is empty"
+
+
+@pytest.mark.parametrize(
+    ("side", "expected"),
+    [
+        (1000, "width=1000 is not a multiple of 16"),
+        (240, "width=240 is out of range: it must be between 256 and 2048"),
+        (2064, "width=2064 is out of range: it must be between 256 and 2048"),
+    ],
+)
+def test_a_bad_side_is_refused_naming_the_limit(side: int, expected: str) -> None:
+    assert error_text([{"prompt": "p"}, {"prompt": "p", "width": side}]) == f"jobs[1].width: {expected}"
+
+
+def test_more_than_four_references_are_refused() -> None:
+    text = error_text([{"prompt": "p", "references": [f"s3://b/{i}.png" for i in range(5)]}])
+    assert text.startswith("jobs[0].references: List should have at most 4 items")
+
+
+def test_an_unknown_field_is_refused_by_name() -> None:
+    assert error_text([{"prompt": "p", "colour": "red"}]) == "jobs[0].colour: unknown field"
+
+
+def test_a_url_scheme_other_than_s3_https_or_local_is_refused() -> None:
+    text = error_text([{"prompt": "p", "references": ["ftp://host/a.png"]}])
+    assert "jobs[0].references: reference 'ftp://host/a.png' has scheme 'ftp'" in text
+
+
+def test_a_missing_local_reference_is_refused_at_submit(tmp_path: Path) -> None:
+    campaign = Campaign.from_raw("c", [{"prompt": "p", "references": [str(tmp_path / "nope.png")]}])
+    with pytest.raises(JobSpecError, match=r"jobs\[0\]\.references\[0\]: .*nope.png does not exist"):
+        prepare_jobs(campaign)
+
+
+def test_duplicate_job_ids_are_refused() -> None:
+    campaign = Campaign.from_raw("c", [{"id": "a", "prompt": "p"}, {"id": "a", "prompt": "q"}])
+    with pytest.raises(JobSpecError, match=r"jobs\[1\]\.id: duplicate id 'a'"):
+        prepare_jobs(campaign)
+
+
+def test_a_job_without_a_seed_gets_one_at_submit_and_keeps_a_given_one() -> None:
+    campaign = Campaign.from_raw("c", [{"prompt": "p"}, {"prompt": "p", "seed": 7}])
+    drawn, given = prepare_jobs(campaign)
+    assert isinstance(drawn.spec["seed"], int) and drawn.fields["seed"] == str(drawn.spec["seed"])
+    assert given.spec["seed"] == 7
+
+
+def test_defaults_apply_and_references_make_an_edit() -> None:
+    campaign = Campaign.from_raw(
+        "c", [{"prompt": "p"}, {"prompt": "q", "kind": "generate"}], defaults={"width": 512, "references": ["a.png"]}
+    )
+    edit, generate = campaign.jobs
+    assert isinstance(edit, EditJob) and edit.width == 512 and edit.references == ["a.png"]
+    assert isinstance(generate, GenerateJob) and generate.width == 512
+
+
+def test_the_yaml_example_loads_with_references_resolved_beside_it() -> None:
+    campaign = load_campaign(EXAMPLES / "demo-campaign.yaml")
+    edits = [job for job in campaign.jobs if isinstance(job, EditJob)]
+    assert len(campaign.jobs) == 6 and len(edits) == 3
+    assert all(Path(ref).is_file() for job in edits for ref in job.references)
+
+
+def test_the_jsonl_example_loads_one_job_per_line() -> None:
+    campaign = load_campaign(EXAMPLES / "bulk-edit.jsonl")
+    assert campaign.name == "bulk-edit" and [job.id for job in campaign.jobs] == ["mug-1", "mug-2", "lamp-1", "plain-1"]
+
+
+def test_invalid_yaml_is_refused_with_the_file_named(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\njobs: [ {prompt: a\n")
+    with pytest.raises(CampaignFileError, match=r"broken.yaml: not valid YAML"):
+        load_campaign(path)
+
+
+def test_invalid_jsonl_is_refused_with_the_line_named(tmp_path: Path) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(CampaignFileError, match=r"broken.jsonl:2: not valid JSON"):
+        load_campaign(path)
+
+
+def test_a_schema_error_in_a_file_names_the_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\njobs:\n  - prompt: a\n    height: 100\n")
+    with pytest.raises(CampaignFileError, match=r"c.yaml: jobs\[0\]\.height: height=100 is out of range"):
+        load_campaign(path)
+
+
+def test_the_reference_set_key_follows_content_order_and_model() -> None:
+    forward = reference_set_key("m", ["aa", "bb"])
+    assert forward == reference_set_key("m", ["aa", "bb"])
+    assert forward != reference_set_key("m", ["bb", "aa"])
+    assert forward != reference_set_key("other-model", ["aa", "bb"])
+    assert forward != reference_set_key("m", ["aa", "bb"], preprocessing="another")
