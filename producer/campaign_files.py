@@ -66,7 +66,8 @@ def _resolve_local_references(job: dict[str, Any], base: Path) -> dict[str, Any]
     if not isinstance(references, list):
         return job
     resolved = [
-        str((base / ref).resolve()) if isinstance(ref, str) and "://" not in ref and not Path(ref).is_absolute()
+        str((base / ref).resolve())
+        if isinstance(ref, str) and "://" not in ref and not Path(ref).is_absolute()
         else ref
         for ref in references
     ]

@@ -75,8 +75,12 @@ def status(campaign_id: str, as_json: AsJson = False, env_file: EnvFile = None) 
 
 def _print_status(counts: dict[str, Any]) -> None:
     table = Table("campaign", "total", "pending", "running", "succeeded", "failed", "cancelled")
-    table.add_row(*(str(counts[key]) for key in ("campaign_id", "total", "pending", "running",
-                                                  "succeeded", "failed", "cancelled")))
+    table.add_row(
+        *(
+            str(counts[key])
+            for key in ("campaign_id", "total", "pending", "running", "succeeded", "failed", "cancelled")
+        )
+    )
     Console().print(table)
 
 

@@ -16,6 +16,9 @@ from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.state import CampaignStatus, FarmState, NewJob
 from kleinfarm.shared.storage import Storage
 
+# How long the finisher of a campaign's last job gets to write the manifest before a client does.
+MANIFEST_GRACE_S = 10.0
+
 
 def new_campaign_id(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "campaign"
@@ -67,7 +70,7 @@ class CampaignHandle:
         from kleinfarm.producer.progress import CampaignProgress
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.client.state.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.client.state.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.subscribe(self.client.state.events_channel(self.id))
         try:
             with CampaignProgress(self.id, enabled=progress) as bar:
@@ -76,6 +79,8 @@ class CampaignHandle:
                     bar.update(status)
                     if status.done:
                         return status
+                    if status.finished:
+                        self._finalize_if_orphaned(status)
                     if deadline is not None and time.monotonic() > deadline:
                         raise FarmTimeoutError(f"campaign {self.id} not done after {timeout} s: {status.as_dict()}")
                     # Any transition of this campaign publishes; the timeout only refreshes the bar.
@@ -85,6 +90,12 @@ class CampaignHandle:
         finally:
             pubsub.close()
 
+    def _finalize_if_orphaned(self, status: CampaignStatus) -> None:
+        """Write the manifest if the process that ended the last job died before writing it."""
+        ended = self.client.state.last_transition_age(self.id)
+        if ended is not None and ended > MANIFEST_GRACE_S:
+            write_manifest(self.client.state, self.client.storage, self.id)
+
     def results(self) -> list[dict[str, Any]]:
         """One row per job: job_id, state, key, error, seed, width, height."""
         return [result_row(record) for record in self.client.state.jobs(self.id)]
@@ -92,7 +103,7 @@ class CampaignHandle:
     def cancel(self) -> int:
         """Drop the queued jobs, stop the running ones at their next step; return jobs dropped."""
         dropped = self.client.state.request_cancel(self.id)
-        if self.status().done:
+        if self.status().finished:
             write_manifest(self.client.state, self.client.storage, self.id)
         return dropped
 

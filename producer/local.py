@@ -65,18 +65,18 @@ class LocalFarm:
     def _start(self) -> None:
         overrides: dict[str, str] = {}
         if "KLEINFARM_REDIS_URL" not in os.environ:
-            redis_server = RedisServer().start()
-            self.services.append(redis_server)
+            redis_server = RedisServer()
+            self.services.append(redis_server.start())
             overrides["REDIS_URL"] = redis_server.url
         if "KLEINFARM_S3_ENDPOINT_URL" not in os.environ:
-            s3 = S3Server().start()
-            self.services.append(s3)
+            s3 = S3Server()
+            self.services.append(s3.start())
             overrides.update(S3_ENDPOINT_URL=s3.url, S3_ACCESS_KEY_ID=s3.access_key, S3_SECRET_ACCESS_KEY=s3.secret_key)
         if self.model:
             overrides["MODEL"] = self.model
         elif "KLEINFARM_MODEL" not in os.environ:
             overrides["MODEL"] = str(tiny_model_folder(self.settings))
-        self.settings = FarmSettings(**{key.lower(): value for key, value in overrides.items()})
+        self.settings = FarmSettings.model_validate({key.lower(): value for key, value in overrides.items()})
         Storage.from_settings(self.settings).ensure_bucket()
         self._write_env_file(overrides)
         self._start_workers()

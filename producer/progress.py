@@ -34,7 +34,6 @@ class CampaignProgress:
     def update(self, status: CampaignStatus) -> None:
         finished = status.succeeded + status.failed + status.cancelled
         counts = (
-            f"running {status.running}  ok {status.succeeded}  "
-            f"failed {status.failed}  cancelled {status.cancelled}"
+            f"running {status.running}  ok {status.succeeded}  failed {status.failed}  cancelled {status.cancelled}"
         )
         self._progress.update(self._task, total=status.total, completed=finished, counts=counts)

@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -27,13 +28,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_until(ready: object, what: str, process: subprocess.Popen[bytes], timeout: float = START_TIMEOUT_S) -> None:
+def wait_until(
+    ready: Callable[[], bool], what: str, process: subprocess.Popen[bytes], timeout: float = START_TIMEOUT_S
+) -> None:
     """Poll ``ready()`` until true; fail early if ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ConfigError(f"{what} exited with code {process.returncode} while starting")
-        if ready():  # type: ignore[operator]
+        if ready():
             return
         time.sleep(0.05)
     raise ConfigError(f"{what} did not become ready within {timeout} s")
@@ -92,7 +95,9 @@ class RedisServer(ChildService):
     def command(self) -> list[str]:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise ConfigError("redis-server is not installed (apt-get install redis-server), or set KLEINFARM_REDIS_URL")
+            raise ConfigError(
+                "redis-server is not installed (apt-get install redis-server), or set KLEINFARM_REDIS_URL"
+            )
         return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
 
     def ready(self) -> bool:

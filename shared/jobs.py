@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -84,7 +84,7 @@ class _JobBase(BaseModel):
     def _side(cls, value: int, info: Any) -> int:
         return check_side(value, info.field_name)
 
-    def with_seed(self) -> _JobBase:
+    def with_seed(self) -> Self:
         """Return this job with a seed drawn now if it had none, so its image can be reproduced."""
         if self.seed is not None:
             return self

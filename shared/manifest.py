@@ -48,4 +48,5 @@ def write_manifest(state: FarmState, storage: Storage, campaign_id: str) -> str:
     key = manifest_key(meta["output_prefix"], campaign_id)
     storage.put_jsonl(key, [manifest_row(record) for record in state.jobs(campaign_id)])
     state.redis.hset(campaign_key(campaign_id), "manifest_key", key)
+    state.redis.publish(state.events_channel(campaign_id), "manifest")
     return key

@@ -57,7 +57,9 @@ class Registry:
 
     def heartbeat(self, worker_id: str, info: dict[str, Any]) -> None:
         """Say ``worker_id`` is alive now, with what it reports of itself."""
-        flat = {key: value if isinstance(value, str) else json.dumps(value) for key, value in info.items()}
+        flat: dict[Any, Any] = {
+            key: value if isinstance(value, str) else json.dumps(value) for key, value in info.items()
+        }
         pipe = self.redis.pipeline()
         pipe.hset(worker_info_key(worker_id), mapping={**flat, "seen": time.time()})
         pipe.zadd(WORKERS, {worker_id: time.time()})
@@ -107,7 +109,9 @@ class Registry:
         record = self.state.job(member)
         if int(record.get("attempt", 0)) >= MAX_ATTEMPTS and record.get("state") == JobState.RUNNING:
             message = f"worker lost {MAX_ATTEMPTS} times while rendering this job (last: {reason})"
-            outcome = self.state.transition(member, JobState.FAILED, held, if_worker=worker_id, error=message)
+            outcome = self.state.transition(
+                member, JobState.FAILED, held, if_worker=worker_id, fields={"error": message}
+            )
         else:
             outcome = self.state.transition(member, JobState.PENDING, held, if_worker=worker_id, enqueue=True)
         return int(outcome.changed)

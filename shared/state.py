@@ -81,10 +81,17 @@ class CampaignStatus:
     failed: int
     cancelled: int
     cancel_requested: bool = False
+    manifest_key: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Every job has ended."""
+        return self.pending + self.running == 0
 
     @property
     def done(self) -> bool:
-        return self.pending + self.running == 0
+        """Every job has ended and the manifest is written."""
+        return self.finished and self.manifest_key is not None
 
     def as_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in ("campaign_id", "name", *COUNTS_ORDER)}
@@ -120,7 +127,7 @@ class FarmState:
         """Write a campaign and queue its jobs, pipelined in chunks (no round trip per job)."""
         first_seq = int(self.redis.incrby(SEQUENCE, len(jobs))) - len(jobs)
         counters = {f"n_{state}": 0 for state in COUNTED_STATES}
-        header = {**meta, **counters, "total": len(jobs), "open": len(jobs), "n_pending": len(jobs)}
+        header: dict[Any, Any] = {**meta, **counters, "total": len(jobs), "open": len(jobs), "n_pending": len(jobs)}
         header.update(priority=priority, created=time.time(), cancel_requested=0)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(campaign_key(campaign_id), mapping=header)
@@ -131,7 +138,7 @@ class FarmState:
                 member = job_member(campaign_id, job.job_id)
                 score = -priority * PRIORITY_WEIGHT + first_seq + offset
                 scores[member] = score
-                record = {**job.fields, "spec": json.dumps(job.spec), "state": "pending", "attempt": 0}
+                record: dict[Any, Any] = {**job.fields, "spec": json.dumps(job.spec), "state": "pending", "attempt": 0}
                 pipe.hset(job_key(member), mapping={**record, "score": score, "job_id": job.job_id})
             pipe.rpush(campaign_jobs_key(campaign_id), *(job.job_id for job in chunk))
             pipe.zadd(PENDING, scores)
@@ -154,6 +161,7 @@ class FarmState:
             name=meta.get("name", ""),
             total=int(meta["total"]),
             cancel_requested=meta.get("cancel_requested") == "1",
+            manifest_key=meta.get("manifest_key"),
             **counts,
         )
 
@@ -174,9 +182,19 @@ class FarmState:
         self.campaign_meta(campaign_id)
         self.redis.hset(campaign_key(campaign_id), "cancel_requested", 1)
         members = [job_member(campaign_id, job_id) for job_id in self.job_ids(campaign_id)]
-        outcomes = self.transition_many(members, JobState.CANCELLED, [JobState.PENDING], error="campaign cancelled")
+        outcomes = self.transition_many(
+            members, JobState.CANCELLED, [JobState.PENDING], {"error": "campaign cancelled"}
+        )
         self.redis.zrem(PENDING, *members) if members else None
         return sum(outcome.changed for outcome in outcomes)
+
+    def last_transition_age(self, campaign_id: str) -> float | None:
+        """Seconds since a job of the campaign last changed state, by the Redis server's clock."""
+        changed_at = self.redis.hget(campaign_key(campaign_id), "changed_at")
+        if changed_at is None:
+            return None
+        seconds, micros = self.redis.time()  # type: ignore[misc]
+        return float(seconds) + float(micros) / 1e6 - float(str(changed_at))
 
     def cancel_requested(self, campaign_id: str) -> bool:
         return self.redis.hget(campaign_key(campaign_id), "cancel_requested") == "1"
@@ -195,18 +213,18 @@ class FarmState:
         if_attempt: str | None = None,
         if_worker: str | None = None,
         enqueue: bool = False,
-        **fields: str,
+        fields: dict[str, str] | None = None,
     ) -> Transition:
         """Move ``member`` to ``target`` if it is in one of ``allowed`` (and held as stated).
 
         ``enqueue`` puts the job back in the pending queue in the same atomic step.
         """
-        keys, args = self._transition_args(member, target, allowed, if_attempt, if_worker, fields, enqueue)
+        keys, args = self._transition_args(member, target, allowed, if_attempt, if_worker, fields or {}, enqueue)
         changed, previous, open_left = self._transition(keys=keys, args=args)
         return Transition(changed == 1, previous, int(open_left))
 
     def transition_many(
-        self, members: list[str], target: JobState, allowed: Iterable[JobState], **fields: str
+        self, members: list[str], target: JobState, allowed: Iterable[JobState], fields: dict[str, str]
     ) -> list[Transition]:
         allowed = list(allowed)
         outcomes: list[Transition] = []

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from conftest import WorkerPool
 
-from kleinfarm.shared.storage import Storage
-
 ROOT = Path(__file__).parent.parent
 KLEINFARM = [sys.executable, "-m", "kleinfarm.producer"]
 
@@ -35,7 +33,12 @@ def test_submit_wait_status_and_results_work_from_the_command_line(
 
     status = json.loads(run(["status", campaign_id, "--json"], farm_env).stdout)
     assert {key: status[key] for key in ("total", "pending", "running", "succeeded", "failed", "cancelled")} == {
-        "total": 4, "pending": 0, "running": 0, "succeeded": 4, "failed": 0, "cancelled": 0,
+        "total": 4,
+        "pending": 0,
+        "running": 0,
+        "succeeded": 4,
+        "failed": 0,
+        "cancelled": 0,
     }
 
     listed = run(["results", campaign_id, "--json", "--download", str(tmp_path)], farm_env)
@@ -43,11 +46,17 @@ def test_submit_wait_status_and_results_work_from_the_command_line(
     assert [row["job_id"] for row in rows] == ["mug-1", "mug-2", "lamp-1", "plain-1"]
     assert set(rows[0]) == {"job_id", "state", "key", "error", "seed", "width", "height"}
     assert sorted(path.name for path in tmp_path.glob("*.png")) == [
-        "contact-sheet.png", "lamp-1.png", "mug-1.png", "mug-2.png", "plain-1.png",
+        "contact-sheet.png",
+        "lamp-1.png",
+        "mug-1.png",
+        "mug-2.png",
+        "plain-1.png",
     ]
 
 
-def test_submit_wait_exits_non_zero_when_a_job_fails(farm_env: dict[str, str], workers: WorkerPool, tmp_path: Path) -> None:
+def test_submit_wait_exits_non_zero_when_a_job_fails(
+    farm_env: dict[str, str], workers: WorkerPool, tmp_path: Path
+) -> None:
     campaign = tmp_path / "one-bad.yaml"
     bucket = farm_env["KLEINFARM_S3_BUCKET"]
     campaign.write_text(
@@ -70,8 +79,23 @@ def test_a_bad_campaign_file_exits_2_with_the_field_named(farm_env: dict[str, st
 
 def test_render_writes_one_image_without_a_queue(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "one.png"
-    args = ["render", "--model", str(tiny_model), "--prompt", "a mug", "--ref", "examples/refs/product-mug.png",
-            "--width", "256", "--height", "320", "--seed", "5", "--out", str(out)]
+    args = [
+        "render",
+        "--model",
+        str(tiny_model),
+        "--prompt",
+        "a mug",
+        "--ref",
+        "examples/refs/product-mug.png",
+        "--width",
+        "256",
+        "--height",
+        "320",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    ]
     rendered = run(args, {"KLEINFARM_CACHE_DIR": str(tmp_path / "cache")})
     assert rendered.returncode == 0, rendered.stderr
     from PIL import Image
@@ -84,9 +108,24 @@ def test_local_demo_renders_the_demo_campaign_and_leaves_images_on_disk(tmp_path
     env["KLEINFARM_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "out"
     demo = subprocess.run(
-        [*KLEINFARM, "local", "--demo", "--workers", "1", "--model", str(tiny_model), "--out", str(out),
-         "--env-file", str(tmp_path / "farm.env")],
-        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            *KLEINFARM,
+            "local",
+            "--demo",
+            "--workers",
+            "1",
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(out),
+            "--env-file",
+            str(tmp_path / "farm.env"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert demo.returncode == 0, demo.stderr
     (folder,) = out.iterdir()
@@ -99,7 +138,10 @@ def test_local_writes_the_env_file_and_ctrl_c_stops_every_child(tmp_path: Path, 
     env_file = tmp_path / "farm.env"
     farm = subprocess.Popen(
         [*KLEINFARM, "local", "--workers", "1", "--model", str(tiny_model), "--env-file", str(env_file)],
-        env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
     )
     assert farm.stderr is not None
     for line in farm.stderr:

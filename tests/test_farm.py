@@ -11,12 +11,13 @@ import pytest
 from celery import Celery
 from PIL import Image
 
-from conftest import TEST_PIXEL_LIMIT, WorkerPool
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.state import PENDING
 from kleinfarm.shared.storage import Storage
+
+from conftest import TEST_PIXEL_LIMIT, WorkerPool
 
 REFS = Path(__file__).parent.parent / "examples" / "refs"
 WAIT_S = 300
@@ -134,7 +135,9 @@ def test_a_pickled_message_is_refused_and_never_runs(client: FarmClient, workers
     assert handle.wait(progress=False, timeout=WAIT_S).succeeded == 1
 
 
-def test_cancel_drops_queued_jobs_and_the_farm_goes_on(client: FarmClient, storage: Storage, workers: WorkerPool) -> None:
+def test_cancel_drops_queued_jobs_and_the_farm_goes_on(
+    client: FarmClient, storage: Storage, workers: WorkerPool
+) -> None:
     big = [{"prompt": f"job {i}", "width": 1024, "height": 1024} for i in range(30)]
     handle = client.submit(Campaign.from_raw("to-cancel", big))
     dropped = handle.cancel()

@@ -7,6 +7,7 @@ number may run and the farm keeps dispatching when the leader dies. Each worker 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -49,10 +50,8 @@ class Dispatcher:
     def stop(self) -> None:
         self.stopping.set()
         if self._leading:
-            try:
+            with contextlib.suppress(LockError):
                 self._lock.release()
-            except LockError:
-                pass
 
     def tick(self) -> None:
         """Lead if we can; reap lapsed workers; dispatch; then wait for the next wake-up."""
@@ -127,7 +126,7 @@ class Dispatcher:
                     continue
                 bumped = str(int(str(attempt)) + 1)
                 outcome = self.state.transition(
-                    member, JobState.ASSIGNED, [JobState.ASSIGNED], if_attempt=str(attempt), attempt=bumped
+                    member, JobState.ASSIGNED, [JobState.ASSIGNED], if_attempt=str(attempt), fields={"attempt": bumped}
                 )
                 if outcome.changed:
                     self.publish(member, int(bumped), worker)

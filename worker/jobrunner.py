@@ -30,7 +30,12 @@ def run_job(context: WorkerContext, member: str, attempt: int, send_event: Event
     """Run ``member`` if this delivery still holds it; return the job's final state."""
     state, worker = context.state, context.worker_id
     claim = state.transition(
-        member, JobState.RUNNING, [JobState.ASSIGNED], if_attempt=str(attempt), if_worker=worker, started=str(time.time())
+        member,
+        JobState.RUNNING,
+        [JobState.ASSIGNED],
+        if_attempt=str(attempt),
+        if_worker=worker,
+        fields={"started": str(time.time())},
     )
     if not claim.changed:
         # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
@@ -54,7 +59,7 @@ def _execute(context: WorkerContext, member: str, send_event: EventSender) -> tu
         return JobState.CANCELLED, {"error": str(error)}
     except KleinfarmError as error:
         return JobState.FAILED, {"error": str(error)}
-    except Exception as error:  # noqa: BLE001 - one bad job must not take the worker down
+    except Exception as error:
         log.exception("job %s failed unexpectedly", member)
         return JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}
 
@@ -123,7 +128,7 @@ def _png(
 def _finish(context: WorkerContext, member: str, attempt: int, final: JobState, fields: dict[str, str]) -> str:
     fields["finished"] = str(time.time())
     outcome = context.state.transition(
-        member, final, HELD, if_attempt=str(attempt), if_worker=context.worker_id, **fields
+        member, final, HELD, if_attempt=str(attempt), if_worker=context.worker_id, fields=fields
     )
     if not outcome.changed:
         log.warning("%s was taken from this worker while it ran (now %s)", member, outcome.previous)

@@ -29,7 +29,11 @@ def render_one(
     settings = FarmSettings()
     fields = {"prompt": prompt, "width": width, "height": height, "seed": seed, "steps": steps}
     try:
-        job = (EditJob(references=references, **fields) if references else GenerateJob(**fields)).with_seed()
+        job: GenerateJob | EditJob = (
+            EditJob.model_validate({**fields, "references": references})
+            if references
+            else GenerateJob.model_validate(fields)
+        ).with_seed()
     except ValidationError as error:
         raise JobSpecError(describe_validation_error(error)) from error
     fetcher = ReferenceFetcher(Storage.from_settings(settings), settings)

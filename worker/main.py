@@ -57,8 +57,19 @@ def run_worker(gpu: int | None = None, model: str | None = None, env_file: Path 
     try:
         # Solo pool: the task runs in this process, which never forks after CUDA is initialised.
         app.worker_main(
-            ["worker", "--pool=solo", "--concurrency=1", "-Q", ctx.queue, "-n", f"{ctx.worker_id}@%h",
-             "--loglevel=INFO", "--without-gossip", "--without-mingle", "-E"]
+            [
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "-Q",
+                ctx.queue,
+                "-n",
+                f"{ctx.worker_id}@%h",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "-E",
+            ]
         )
     finally:
         stop.set()

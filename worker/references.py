@@ -125,7 +125,7 @@ class ReferenceFetcher:
         return data
 
     def _read_https(self, url: str) -> bytes:
-        request = urllib.request.Request(url, headers={"User-Agent": "kleinfarm"})
+        request = urllib.request.Request(url, headers={"User-Agent": "kleinfarm"})  # noqa: S310 - https only
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:  # noqa: S310
                 return self._limit(url, response.read(self.max_bytes + 1))

@@ -7,6 +7,7 @@ same ``from_pretrained`` path as ``black-forest-labs/FLUX.2-klein-9b-kv``, offli
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ TEXT_HIDDEN = 16
 TEXT_LAYERS = 3
 
 
-def _tokenizer():  # type: ignore[no-untyped-def]
+def _tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -45,7 +46,7 @@ def _tokenizer():  # type: ignore[no-untyped-def]
     )
 
 
-def build_tiny_pipeline(seed: int = 0):  # type: ignore[no-untyped-def]
+def build_tiny_pipeline(seed: int = 0) -> Any:
     """Return a ``Flux2KleinKVPipeline`` of tiny random components (VAE scale factor 8)."""
     from diffusers import (
         AutoencoderKLFlux2,

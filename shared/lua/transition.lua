@@ -26,6 +26,8 @@ if cond['set'] then
   for field, value in pairs(cond['set']) do redis.call('HSET', job, field, value) end
 end
 redis.call('HSET', job, 'state', target)
+local now = redis.call('TIME')
+redis.call('HSET', campaign, 'changed_at', now[1] + now[2] / 1e6)
 if bucket(current) ~= bucket(target) then
   redis.call('HINCRBY', campaign, 'n_' .. bucket(current), -1)
   redis.call('HINCRBY', campaign, 'n_' .. bucket(target), 1)
