@@ -14,7 +14,7 @@ from rich.table import Table
 from kleinfarm.shared.errors import KleinfarmError
 from kleinfarm.shared.manifest import RESULT_FIELDS
 
-app = typer.Typer(help="kleinfarm: a render farm for FLUX.2 \\[klein] 9B-KV.", no_args_is_help=True)
+app = typer.Typer(help="kleinfarm: a render farm for FLUX.2 \\[klein] 9B-KV.", no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 EnvFile = Annotated[Path | None, typer.Option("--env-file", help="KLEINFARM_* settings file (e.g. .kleinfarm.env)")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
@@ -185,6 +185,22 @@ def local(
                 farm.serve_until_interrupted()
     except KleinfarmError as error:
         _fail(error)
+
+
+bench_app = typer.Typer(help="Benchmarks that print their figures as JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("submit")
+def bench_submit(
+    jobs: int = 10_000,
+    references: Annotated[int, typer.Option(help="References per job (0 = generate jobs)")] = 1,
+    redis_url: Annotated[str | None, typer.Option(help="Redis to use (default: start a redis-server)")] = None,
+) -> None:
+    """Time validating and submitting a campaign of JOBS jobs."""
+    from kleinfarm.producer.bench import bench_submit as run_bench
+
+    run_bench(jobs, redis_url, references)
 
 
 def main() -> None:
