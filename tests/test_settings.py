@@ -1,0 +1,29 @@
+"""Settings come from KLEINFARM_* variables; the deploy example names only real settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kleinfarm.shared.settings import FarmSettings
+
+EXAMPLE = Path(__file__).parent.parent / "deploy" / "kleinfarm.env.example"
+
+
+def test_every_setting_the_deploy_example_names_exists_and_parses() -> None:
+    names = [line.split("=", 1)[0] for line in EXAMPLE.read_text().splitlines() if line and not line.startswith("#")]
+    fields = {f"KLEINFARM_{name.upper()}" for name in FarmSettings.model_fields}
+    assert names and not set(names) - fields
+    settings = FarmSettings.from_env(EXAMPLE)
+    assert settings.s3_endpoint_url == "http://minio:9000" and settings.worker_lapse_s == 10
+
+
+def test_the_environment_overrides_the_env_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KLEINFARM_S3_BUCKET", "from-env")
+    assert FarmSettings.from_env(EXAMPLE).s3_bucket == "from-env"
+
+
+def test_secrets_do_not_show_in_the_settings_repr() -> None:
+    settings = FarmSettings.from_env(EXAMPLE)
+    assert "change-me" not in repr(settings)
