@@ -14,7 +14,9 @@ from rich.table import Table
 from kleinfarm.shared.errors import KleinfarmError
 from kleinfarm.shared.manifest import RESULT_FIELDS
 
-app = typer.Typer(help="kleinfarm: a render farm for FLUX.2 \\[klein] 9B-KV.", no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="kleinfarm: a render farm for FLUX.2 \\[klein] 9B-KV.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 console = Console(stderr=True)
 EnvFile = Annotated[Path | None, typer.Option("--env-file", help="KLEINFARM_* settings file (e.g. .kleinfarm.env)")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]

@@ -1,4 +1,10 @@
-"""The render engine: the FLUX.2 [klein] KV pipeline, loaded once per worker process."""
+"""The render engine: our own denoising loop around the FLUX.2 [klein] KV transformer.
+
+diffusers' ``Flux2KleinKVPipeline`` extracts the reference K/V at step 0 of every call and drops
+them. Here they are kept under the reference-set key (``kv_cache.py``), and prompt embeddings
+under the prompt (``prompt_cache.py``); everything else reuses the pipeline's own pieces, so a
+job gives the same image as the pipeline with the same inputs and seed.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from kleinfarm.shared.jobs import EditJob, GenerateJob
+from kleinfarm.shared.refset import reference_set_key
+from kleinfarm.worker.kv_cache import ReferenceKVCache, from_diffusers, to_diffusers
+from kleinfarm.worker.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
 
 # The layers of Qwen3-8B whose hidden states the pipeline stacks into the prompt embedding.
 DEFAULT_TEXT_LAYERS = (9, 18, 27)
+MAX_SEQUENCE_LENGTH = 512
+REFERENCE_MAX_AREA = 1024 * 1024
+GIB = 1024**3
 
 StepCallback = Callable[[int, int], None]
 
@@ -36,24 +49,54 @@ def pick_device(requested: str | None = None) -> str:
 
 
 @dataclass
-class RenderResult:
-    """An image and where its time went."""
+class CacheBudgets:
+    """Bytes for the reference K/V tiers and the prompt cache."""
 
-    image: Image.Image
+    kv_device: int
+    kv_host: int
+    prompts: int
+
+    @classmethod
+    def auto(cls, device: torch.device) -> CacheBudgets:
+        """Half the free device memory after the model loaded; a quarter of RAM for the host tier."""
+        ram = _physical_memory()
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return cls(kv_device=free // 2, kv_host=ram // 4, prompts=GIB // 2)
+        return cls(kv_device=min(ram // 8, 4 * GIB), kv_host=ram // 8, prompts=GIB // 4)
+
+
+def _physical_memory() -> int:
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@dataclass
+class RenderResult:
+    """An image (or latents), where its time went, and what the caches did for it."""
+
+    image: Image.Image | None
     timings: dict[str, float] = field(default_factory=dict)
+    refset: str | None = None
+    kv: str = "none"
+    latents: torch.Tensor | None = None
 
 
 class RenderEngine:
-    """Renders generate and edit jobs on one pipeline, on one device."""
+    """Renders generate and edit jobs on one pipeline, on one device, with caches across jobs."""
 
-    def __init__(self, pipeline: Any, model: str, device: str) -> None:
+    def __init__(self, pipeline: Any, model: str, device: str, budgets: CacheBudgets | None = None) -> None:
         self.pipeline = pipeline
         self.model = model
-        self.device = device
+        self.device = torch.device(device)
         self.text_layers = text_encoder_layers(pipeline.text_encoder.config.num_hidden_layers)
+        budgets = budgets or CacheBudgets.auto(self.device)
+        self.kv_cache = ReferenceKVCache(self.device, budgets.kv_device, budgets.kv_host)
+        self.prompt_cache = PromptCache(budgets.prompts)
 
     @classmethod
-    def load(cls, model: str, device: str | None = None) -> RenderEngine:
+    def load(cls, model: str, device: str | None = None, budgets: CacheBudgets | None = None) -> RenderEngine:
         """``from_pretrained`` of a Hub id or a local folder: bf16 on CUDA, fp32 on CPU."""
         from diffusers import Flux2KleinKVPipeline
 
@@ -64,35 +107,173 @@ class RenderEngine:
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s on %s (%s) in %.1f s", model, device, dtype, time.perf_counter() - started)
-        return cls(pipeline, model, device)
+        return cls(pipeline, model, device, budgets)
 
     def render(
         self,
         job: GenerateJob | EditJob,
-        references: list[Image.Image],
+        references: list[tuple[str, Image.Image]],
         on_step: StepCallback | None = None,
     ) -> RenderResult:
-        """Render one job; ``on_step(done, total)`` runs after each step and may raise to stop."""
+        """Render one job; ``references`` are (content digest, image); ``on_step`` may raise to stop."""
         if job.seed is None:
             raise ValueError("a job reaches the engine with its seed drawn at submit time")
-        # A CPU generator makes the noise, hence the image, the same on every device.
-        generator = torch.Generator("cpu").manual_seed(job.seed)
-
-        def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if on_step is not None:
-                on_step(step + 1, job.steps)
-            return tensors
-
+        result = self.render_latents(job.prompt, job.seed, job.width, job.height, job.steps, references, on_step)
         started = time.perf_counter()
         with torch.inference_mode():
-            output = self.pipeline(
-                image=references or None,
-                prompt=job.prompt,
-                width=job.width,
-                height=job.height,
-                num_inference_steps=job.steps,
-                generator=generator,
-                callback_on_step_end=step_end,
-                text_encoder_out_layers=self.text_layers,
-            )
-        return RenderResult(output.images[0], {"render_s": round(time.perf_counter() - started, 4)})
+            image = self.pipeline.vae.decode(result.latents, return_dict=False)[0]
+            result.image = self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
+        result.timings["decode_s"] = round(time.perf_counter() - started, 4)
+        return result
+
+    @torch.inference_mode()
+    def render_latents(
+        self,
+        prompt: str,
+        seed: int,
+        width: int,
+        height: int,
+        steps: int,
+        references: list[tuple[str, Image.Image]],
+        on_step: StepCallback | None = None,
+        batch_size: int = 1,
+    ) -> RenderResult:
+        """The denoising loop; returns VAE-ready latents (as the pipeline's ``output_type='latent'``)."""
+        pipe, timings = self.pipeline, {}
+        started = time.perf_counter()
+        # A CPU generator makes the noise, hence the image, the same on every device.
+        generator = torch.Generator("cpu").manual_seed(seed)
+
+        # 1. Prompt embeddings, from the cache when this prompt was seen.
+        embeddings = self._prompt_embeddings(prompt).repeat(batch_size, 1, 1)
+        text_ids = pipe._prepare_text_ids(embeddings).to(self.device)
+        timings["prompt_s"] = _lap(started)
+
+        # 2. Initial noise from the seed.
+        latents, latent_ids = pipe.prepare_latents(
+            batch_size=batch_size,
+            num_latents_channels=pipe.transformer.config.in_channels // 4,
+            height=height,
+            width=width,
+            dtype=embeddings.dtype,
+            device=self.device,
+            generator=generator,
+        )
+
+        # 3. The schedule, as the pipeline computes it.
+        timesteps = self._timesteps(latents.shape[1], steps)
+
+        # 4. Reference K/V: held, or reference latents to extract them from at step 0.
+        refset = reference_set_key(self.model, [digest for digest, _ in references]) if references else None
+        kv_entry, kv_source = self.kv_cache.get(refset) if refset else (None, "none")
+        kv = to_diffusers(kv_entry, batch_size) if kv_entry is not None else None
+        ref_latents = ref_ids = None
+        if references and kv is None:
+            ref_latents, ref_ids = self._reference_latents([image for _, image in references], batch_size, generator)
+        timings["setup_s"] = _lap(started) - timings["prompt_s"]
+
+        # 5. Denoise: every step cached on a hit; step 0 extracts on a miss.
+        for index, t in enumerate(timesteps):
+            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+            common = {
+                "timestep": timestep,
+                "guidance": None,
+                "encoder_hidden_states": embeddings,
+                "txt_ids": text_ids,
+                "return_dict": False,
+            }
+            if ref_latents is not None and ref_ids is not None and kv is None:
+                noise, kv = pipe.transformer(
+                    hidden_states=torch.cat([ref_latents, latents], dim=1).to(pipe.transformer.dtype),
+                    img_ids=torch.cat([ref_ids, latent_ids], dim=1),
+                    kv_cache_mode="extract",
+                    num_ref_tokens=ref_latents.shape[1],
+                    **common,
+                )
+                assert refset is not None
+                self.kv_cache.put(refset, from_diffusers(kv))
+            elif kv is not None:
+                noise = pipe.transformer(
+                    hidden_states=latents.to(pipe.transformer.dtype),
+                    img_ids=latent_ids,
+                    kv_cache=kv,
+                    kv_cache_mode="cached",
+                    **common,
+                )[0]
+            else:
+                noise = pipe.transformer(
+                    hidden_states=latents.to(pipe.transformer.dtype), img_ids=latent_ids, **common
+                )[0]
+            latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(index + 1, steps)
+        timings["denoise_s"] = _lap(started) - timings["prompt_s"] - timings["setup_s"]
+
+        # 6. Unpack to VAE latents.
+        latents = self._to_vae_latents(latents, latent_ids)
+        timings["total_s"] = _lap(started)
+        return RenderResult(None, timings, refset, kv_source if references else "none", latents)
+
+    def _prompt_embeddings(self, prompt: str) -> torch.Tensor:
+        key = (self.model, prompt, str(MAX_SEQUENCE_LENGTH), ",".join(map(str, self.text_layers)))
+        cached = self.prompt_cache.get(key)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        embeddings: torch.Tensor
+        embeddings, _ = self.pipeline.encode_prompt(
+            prompt=prompt,
+            device=self.device,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            text_encoder_out_layers=self.text_layers,
+        )
+        self.prompt_cache.put(key, embeddings)
+        return embeddings
+
+    def _timesteps(self, image_seq_len: int, steps: int) -> torch.Tensor:
+        from diffusers.pipelines.flux2.pipeline_flux2_klein_kv import compute_empirical_mu, retrieve_timesteps
+
+        scheduler = self.pipeline.scheduler
+        sigmas = None if getattr(scheduler.config, "use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return timesteps  # type: ignore[no-any-return]
+
+    def _reference_latents(
+        self, images: list[Image.Image], batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocess as the pipeline does (area cap, floor to the patch multiple, crop), then encode."""
+        pipe = self.pipeline
+        multiple = pipe.vae_scale_factor * 2
+        prepared = []
+        for image in images:
+            if image.width * image.height > REFERENCE_MAX_AREA:
+                image = pipe.image_processor._resize_to_target_area(image, REFERENCE_MAX_AREA)
+            width, height = (image.width // multiple) * multiple, (image.height // multiple) * multiple
+            prepared.append(pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop"))
+        return pipe.prepare_image_latents(  # type: ignore[no-any-return]
+            images=prepared, batch_size=batch_size, generator=generator, device=self.device, dtype=pipe.vae.dtype
+        )
+
+    def _to_vae_latents(self, latents: torch.Tensor, latent_ids: torch.Tensor) -> torch.Tensor:
+        pipe = self.pipeline
+        latents = pipe._unpack_latents_with_ids(latents, latent_ids)
+        mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+        return pipe._unpatchify_latents(latents * std.to(latents.device, latents.dtype) + mean)  # type: ignore[no-any-return]
+
+    def report(self) -> dict[str, Any]:
+        """What the engine holds, for the worker registry and metrics."""
+        return {
+            "kv": self.kv_cache.report(),
+            "prompts": {
+                "hits": self.prompt_cache.hits,
+                "misses": self.prompt_cache.misses,
+                "bytes": self.prompt_cache.used,
+                "budget": self.prompt_cache.budget,
+            },
+        }
+
+
+def _lap(started: float) -> float:
+    return round(time.perf_counter() - started, 4)

@@ -15,7 +15,6 @@ from pydantic import TypeAdapter
 from kleinfarm.shared.errors import JobCancelledError, KleinfarmError
 from kleinfarm.shared.jobs import EditJob, GenerateJob, Job, JobState
 from kleinfarm.shared.manifest import output_key, write_manifest
-from kleinfarm.shared.refset import reference_set_key
 from kleinfarm.shared.state import campaign_of
 from kleinfarm.worker.context import WorkerContext
 from kleinfarm.worker.engine import RenderResult
@@ -70,9 +69,6 @@ def _render_and_store(
     campaign_id = campaign_of(member)
     fetch_started = time.perf_counter()
     references = [context.fetcher.fetch(url) for url in getattr(job, "references", [])]
-    fields: dict[str, str] = {}
-    if references:
-        fields["refset"] = reference_set_key(context.engine.model, [ref.digest for ref in references])
     fetch_s = time.perf_counter() - fetch_started
 
     def on_step(done: int, total: int) -> None:
@@ -81,12 +77,13 @@ def _render_and_store(
         if done < total and context.state.cancel_requested(campaign_id):
             raise JobCancelledError(f"campaign cancelled at step {done} of {total}")
 
-    result = context.engine.render(job, [ref.image for ref in references], on_step)
+    result = context.engine.render(job, [(ref.digest, ref.image) for ref in references], on_step)
+    fields = {"refset": result.refset, "kv": result.kv} if result.refset else {}
     result.timings["fetch_s"] = round(fetch_s, 4)
     meta = context.state.campaign_meta(campaign_id)
     key = output_key(meta["output_prefix"], campaign_id, member.split("/", 1)[1])
     upload_started = time.perf_counter()
-    wrote = context.storage.put_if_absent(key, *_png(context, member, job, result, fields.get("refset")))
+    wrote = context.storage.put_if_absent(key, *_png(context, member, job, result))
     result.timings["upload_s"] = round(time.perf_counter() - upload_started, 4)
     if not wrote:
         log.info("%s already in storage: an earlier attempt wrote it; not writing it twice", key)
@@ -94,9 +91,11 @@ def _render_and_store(
 
 
 def _png(
-    context: WorkerContext, member: str, job: GenerateJob | EditJob, result: RenderResult, refset: str | None
+    context: WorkerContext, member: str, job: GenerateJob | EditJob, result: RenderResult
 ) -> tuple[bytes, str, dict[str, str]]:
     """PNG bytes carrying the full record; S3 metadata carries an ASCII subset."""
+    assert result.image is not None
+    refset = result.refset
     record = {
         "job": member,
         "prompt": job.prompt,
@@ -107,6 +106,7 @@ def _png(
         "model": context.engine.model,
         "references": getattr(job, "references", []),
         "refset": refset,
+        "kv": result.kv,
         "timings": result.timings,
     }
     info = PngImagePlugin.PngInfo()

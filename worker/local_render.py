@@ -37,10 +37,11 @@ def render_one(
     except ValidationError as error:
         raise JobSpecError(describe_validation_error(error)) from error
     fetcher = ReferenceFetcher(Storage.from_settings(settings), settings)
-    images = [fetcher.fetch(url).image for url in references]
+    fetched = [fetcher.fetch(url) for url in references]
     engine = RenderEngine.load(model or settings.model, device)
-    result = engine.render(job, images)
+    result = engine.render(job, [(ref.digest, ref.image) for ref in fetched])
     out.parent.mkdir(parents=True, exist_ok=True)
+    assert result.image is not None
     result.image.save(out)
     assert job.seed is not None
     return out, job.seed

@@ -80,7 +80,10 @@ def run_worker(gpu: int | None = None, model: str | None = None, env_file: Path 
 
 def _heartbeat(ctx: WorkerContext, stop: threading.Event) -> None:
     while not stop.is_set():
-        ctx.registry.heartbeat(ctx.worker_id, _worker_info(ctx))
+        try:
+            ctx.registry.heartbeat(ctx.worker_id, _worker_info(ctx))
+        except Exception:  # a dead heartbeat thread would get a working worker reaped
+            log.exception("heartbeat failed; retrying")
         stop.wait(ctx.settings.heartbeat_s)
 
 
@@ -88,9 +91,10 @@ def _worker_info(ctx: WorkerContext) -> dict[str, object]:
     return {
         "queue": ctx.queue,
         "gpu": "" if ctx.settings.gpu is None else str(ctx.settings.gpu),
-        "device": ctx.engine.device,
+        "device": str(ctx.engine.device),
         "model": ctx.engine.model,
         "slots": str(ctx.settings.worker_slots),
         "pid": str(os.getpid()),
         "counters": ctx.counters,
+        "engine": ctx.engine.report(),
     }

@@ -1,0 +1,143 @@
+"""Reference K/V kept across jobs, in two tiers with byte budgets: the render device, then host memory.
+
+A reference set's K/V depend on the set alone (FACTS.md, "How the KV variant works"), so a job whose
+set is held skips the VAE encode of its references and their passes through the transformer. A
+device eviction demotes to host memory (pinned on CUDA), which is far cheaper to copy back than to
+recompute; a host eviction drops the entry. Both tiers evict least recently used first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Entry:
+    """One reference set's K/V, per layer, at batch size 1."""
+
+    double: Layers
+    single: Layers
+    num_ref_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in (*self.double, *self.single))
+
+    def to(self, device: torch.device, pin: bool = False) -> Entry:
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            moved = tensor.to(device, non_blocking=True)
+            return moved.pin_memory() if pin and not moved.is_pinned() else moved
+
+        return Entry(
+            [(move(k), move(v)) for k, v in self.double],
+            [(move(k), move(v)) for k, v in self.single],
+            self.num_ref_tokens,
+        )
+
+
+@dataclass
+class CacheStats:
+    hits_device: int = 0
+    hits_host: int = 0
+    misses: int = 0
+    demotions: int = 0
+    evictions: int = 0
+    too_large: int = 0
+
+
+@dataclass
+class Tier:
+    name: str
+    device: torch.device
+    budget: int
+    entries: OrderedDict[str, Entry] = field(default_factory=OrderedDict)
+
+    @property
+    def used(self) -> int:
+        return sum(entry.nbytes for entry in self.entries.values())
+
+    def holdings(self) -> dict[str, int]:
+        return {key: entry.nbytes for key, entry in self.entries.items()}
+
+
+def from_diffusers(kv_cache: Any) -> Entry:
+    """Take the K/V out of a ``Flux2KVCache`` built in extract mode (first batch row only)."""
+    double = [(c.k_ref[:1].clone(), c.v_ref[:1].clone()) for c in kv_cache.double_block_caches]
+    single = [(c.k_ref[:1].clone(), c.v_ref[:1].clone()) for c in kv_cache.single_block_caches]
+    return Entry(double, single, int(kv_cache.num_ref_tokens))
+
+
+def to_diffusers(entry: Entry, batch_size: int) -> Any:
+    """A ``Flux2KVCache`` for a batch of ``batch_size``, expanded along the batch dimension."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
+
+    cache = Flux2KVCache(len(entry.double), len(entry.single))
+    for layer, (k, v) in zip(cache.double_block_caches, entry.double, strict=True):
+        layer.store(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
+    for layer, (k, v) in zip(cache.single_block_caches, entry.single, strict=True):
+        layer.store(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
+    cache.num_ref_tokens = entry.num_ref_tokens
+    return cache
+
+
+class ReferenceKVCache:
+    """Reference-set key -> K/V, device tier first, host tier behind it."""
+
+    def __init__(self, device: torch.device, device_budget: int, host_budget: int) -> None:
+        self.device_tier = Tier("device", device, device_budget)
+        self.host_tier = Tier("host", torch.device("cpu"), host_budget)
+        self.pin = device.type == "cuda"
+        self.stats = CacheStats()
+
+    def get(self, key: str) -> tuple[Entry | None, str]:
+        """The entry on the render device, promoted from host if needed, and where it was found."""
+        if key in self.device_tier.entries:
+            self.device_tier.entries.move_to_end(key)
+            self.stats.hits_device += 1
+            return self.device_tier.entries[key], "device"
+        if key in self.host_tier.entries:
+            entry = self.host_tier.entries.pop(key).to(self.device_tier.device)
+            self.stats.hits_host += 1
+            self._admit(key, entry)
+            return entry, "host"
+        self.stats.misses += 1
+        return None, "miss"
+
+    def put(self, key: str, entry: Entry) -> None:
+        self._admit(key, entry.to(self.device_tier.device))
+
+    def _admit(self, key: str, entry: Entry) -> None:
+        if entry.nbytes > max(self.device_tier.budget, self.host_tier.budget):
+            self.stats.too_large += 1
+            return
+        if entry.nbytes > self.device_tier.budget:
+            self._admit_host(key, entry)
+            return
+        self.device_tier.entries[key] = entry
+        while self.device_tier.used > self.device_tier.budget:
+            old_key, old = self.device_tier.entries.popitem(last=False)
+            self.stats.demotions += 1
+            self._admit_host(old_key, old)
+
+    def _admit_host(self, key: str, entry: Entry) -> None:
+        if entry.nbytes > self.host_tier.budget:
+            self.stats.evictions += 1
+            return
+        self.host_tier.entries[key] = entry.to(self.host_tier.device, pin=self.pin)
+        while self.host_tier.used > self.host_tier.budget:
+            self.host_tier.entries.popitem(last=False)
+            self.stats.evictions += 1
+
+    def report(self) -> dict[str, Any]:
+        """What the worker holds, per tier, with bytes, plus hit/miss counters (for the registry)."""
+        return {
+            "device": {"budget": self.device_tier.budget, "keys": self.device_tier.holdings()},
+            "host": {"budget": self.host_tier.budget, "keys": self.host_tier.holdings()},
+            "stats": vars(self.stats).copy(),
+        }

@@ -1,0 +1,37 @@
+"""Prompt embeddings kept across jobs, so a bulk edit that repeats one prompt encodes it once."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class PromptCache:
+    """(prompt, encoder settings) -> embeddings on the render device; LRU within a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.entries: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def used(self) -> int:
+        return sum(tensor.nbytes for tensor in self.entries.values())
+
+    def get(self, key: tuple[str, ...]) -> torch.Tensor | None:
+        tensor = self.entries.get(key)
+        if tensor is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return tensor
+
+    def put(self, key: tuple[str, ...], embeddings: torch.Tensor) -> None:
+        if embeddings.nbytes > self.budget:
+            return
+        self.entries[key] = embeddings
+        while self.used > self.budget:
+            self.entries.popitem(last=False)
