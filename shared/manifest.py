@@ -36,6 +36,7 @@ def manifest_row(record: dict[str, str]) -> dict[str, Any]:
         "prompt": spec.get("prompt"),
         "references": spec.get("references", []),
         "refset": record.get("refset") or None,
+        "kv": record.get("kv") or None,
         "attempt": int(record.get("attempt", 0)),
         "worker": record.get("worker") or None,
         "timings": json.loads(record["timings"]) if record.get("timings") else None,

@@ -70,6 +70,20 @@ def test_a_mixed_campaign_ends_with_every_image_in_s3_and_a_complete_manifest(
     assert by_id["edit-s3"]["refset"].startswith("rs-") and by_id["job-0"]["refset"] is None
 
 
+def test_edit_jobs_sharing_references_are_served_from_the_workers_kv_cache(
+    client: FarmClient, storage: Storage, workers: WorkerPool
+) -> None:
+    shared_refs = [str(REFS / "product-lamp.png"), str(REFS / "brand-background.png")]
+    jobs = [{"prompt": f"lamp {i}", "references": shared_refs, "width": 256, "height": 256} for i in range(8)]
+    handle = client.submit(Campaign.from_raw("shared-refs", jobs))
+    assert handle.wait(progress=False, timeout=WAIT_S).succeeded == 8
+    lines = [json.loads(line) for line in storage.get(f"kleinfarm/{handle.id}/manifest.jsonl").decode().splitlines()]
+    sources = [line["kv"] for line in lines]
+    assert len({line["refset"] for line in lines}) == 1
+    assert sources.count("miss") <= len(workers.alive())  # built at most once per worker
+    assert sources.count("device") >= 8 - len(workers.alive())
+
+
 def test_the_same_seed_gives_the_same_image(client: FarmClient, storage: Storage, workers: WorkerPool) -> None:
     job = {"prompt": "a lamp", "width": 256, "height": 256, "seed": 1234, "references": [str(REFS / "logo.png")]}
     first = client.submit(Campaign.from_raw("seed-a", [job]))
