@@ -160,11 +160,14 @@ def render(
 
 
 @app.command("make-tiny-model")
-def make_tiny_model(folder: Path) -> None:
-    """Write a tiny random-weight FLUX.2 klein KV pipeline (images are noise; for tests and demos)."""
+def make_tiny_model(
+    folder: Path,
+    kv: Annotated[bool, typer.Option("--kv/--no-kv", help="A KV checkpoint, or one without reuse (like 4B)")] = True,
+) -> None:
+    """Write a tiny random-weight FLUX.2 klein pipeline (images are noise; for tests and demos)."""
     from kleinfarm.worker.tiny_model import make_tiny_model as build
 
-    console.print(f"tiny model written to {build(folder)}")
+    console.print(f"tiny model written to {build(folder, kv=kv)}")
 
 
 @app.command()

@@ -141,3 +141,36 @@ def test_a_whole_render_decodes_to_the_pipelines_image(engine: RenderEngine) -> 
         text_encoder_out_layers=engine.text_layers,
     ).images[0]
     assert image is not None and np.array_equal(np.array(image), np.array(expected))
+
+
+def test_a_checkpoint_without_kv_recomputes_references_and_matches_its_pipeline(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from kleinfarm.worker.tiny_model import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-plain"), kv=False)
+    engine = RenderEngine.load(str(folder), "cpu", CacheBudgets(1 << 20, 1 << 20, 1 << 20))
+    assert not engine.kv_reuse
+    for seed in (1, 2):
+        result = render(engine, [A, B], "same prompt", seed)
+        assert result.kv == "recompute" and result.latents is not None
+        expected = engine.pipeline(
+            image=[A[1], B[1]],
+            prompt="same prompt",
+            width=256,
+            height=256,
+            num_inference_steps=4,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            text_encoder_out_layers=engine.text_layers,
+            output_type="latent",
+        ).images
+        assert torch.equal(result.latents, expected)
+    assert not engine.kv_cache.device_tier.entries
+    assert engine.prompt_cache.hits == 1
+
+
+def test_per_job_mode_is_what_the_kv_pipeline_does_and_keeps_nothing(engine: RenderEngine) -> None:
+    result = engine.render_latents("per job", 3, 256, 256, 4, [A], mode="per_job")
+    assert result.kv == "per_job" and not engine.kv_cache.device_tier.entries
+    assert result.latents is not None
+    assert torch.equal(result.latents, pipeline_latents(engine, [A], "per job", 3))

@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.jobs import EditJob, GenerateJob
 from kleinfarm.shared.refset import reference_set_key
 from kleinfarm.worker.kv_cache import ReferenceKVCache, from_diffusers, to_diffusers
@@ -72,6 +73,29 @@ def _physical_memory() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+ReferenceMode = Literal["reuse", "per_job", "recompute"]
+
+
+def check_supported(pipeline: Any, model: str) -> None:
+    """Only the step-distilled FLUX.2 [klein] pipelines run here (no guidance pass)."""
+    name = type(pipeline).__name__
+    if name not in ("Flux2KleinKVPipeline", "Flux2KleinPipeline"):
+        raise ConfigError(f"model {model!r} loads as {name}: kleinfarm runs FLUX.2 [klein] checkpoints")
+    if not getattr(pipeline.config, "is_distilled", True):
+        raise ConfigError(f"model {model!r} is a base (non-distilled) klein: kleinfarm runs the distilled ones")
+
+
+@dataclass
+class _References:
+    """What one job carries of its references through the loop."""
+
+    key: str | None = None
+    source: str = "none"
+    kv: Any = None
+    latents: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+
+
 @dataclass
 class RenderResult:
     """An image (or latents), where its time went, and what the caches did for it."""
@@ -97,17 +121,27 @@ class RenderEngine:
 
     @classmethod
     def load(cls, model: str, device: str | None = None, budgets: CacheBudgets | None = None) -> RenderEngine:
-        """``from_pretrained`` of a Hub id or a local folder: bf16 on CUDA, fp32 on CPU."""
-        from diffusers import Flux2KleinKVPipeline
+        """``from_pretrained`` of a Hub id or a local folder: bf16 on CUDA, fp32 on CPU.
+
+        The pipeline class comes from the checkpoint: a KV checkpoint reuses reference K/V across
+        jobs; any other klein checkpoint (e.g. the Apache-2.0 4B) recomputes references every step.
+        """
+        from diffusers import DiffusionPipeline
 
         device = pick_device(device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         started = time.perf_counter()
-        pipeline = Flux2KleinKVPipeline.from_pretrained(model, dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        check_supported(pipeline, model)
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s on %s (%s) in %.1f s", model, device, dtype, time.perf_counter() - started)
         return cls(pipeline, model, device, budgets)
+
+    @property
+    def kv_reuse(self) -> bool:
+        """Whether this checkpoint was trained with the reference mask, so its reference K/V can be reused."""
+        return type(self.pipeline).__name__ == "Flux2KleinKVPipeline"
 
     def render(
         self,
@@ -123,7 +157,7 @@ class RenderEngine:
         with torch.inference_mode():
             image = self.pipeline.vae.decode(result.latents, return_dict=False)[0]
             result.image = self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
-        result.timings["decode_s"] = round(time.perf_counter() - started, 4)
+        result.timings["decode_s"] = _lap(started)
         return result
 
     @torch.inference_mode()
@@ -137,9 +171,14 @@ class RenderEngine:
         references: list[tuple[str, Image.Image]],
         on_step: StepCallback | None = None,
         batch_size: int = 1,
+        mode: ReferenceMode | None = None,
     ) -> RenderResult:
-        """The denoising loop; returns VAE-ready latents (as the pipeline's ``output_type='latent'``)."""
+        """The denoising loop; returns VAE-ready latents (as the pipeline's ``output_type='latent'``).
+
+        ``mode`` overrides how references are handled (the benchmark compares all three).
+        """
         pipe, timings = self.pipeline, {}
+        mode = mode or ("reuse" if self.kv_reuse else "recompute")
         started = time.perf_counter()
         # A CPU generator makes the noise, hence the image, the same on every device.
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -163,47 +202,15 @@ class RenderEngine:
         # 3. The schedule, as the pipeline computes it.
         timesteps = self._timesteps(latents.shape[1], steps)
 
-        # 4. Reference K/V: held, or reference latents to extract them from at step 0.
-        refset = reference_set_key(self.model, [digest for digest, _ in references]) if references else None
-        kv_entry, kv_source = self.kv_cache.get(refset) if refset else (None, "none")
-        kv = to_diffusers(kv_entry, batch_size) if kv_entry is not None else None
-        ref_latents = ref_ids = None
-        if references and kv is None:
-            ref_latents, ref_ids = self._reference_latents([image for _, image in references], batch_size, generator)
+        # 4. References: held K/V, or reference latents to extract them from (or to carry every step).
+        refs = self._references(references, batch_size, generator, mode)
         timings["setup_s"] = _lap(started) - timings["prompt_s"]
 
-        # 5. Denoise: every step cached on a hit; step 0 extracts on a miss.
+        # 5. Denoise.
         for index, t in enumerate(timesteps):
             timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            common = {
-                "timestep": timestep,
-                "guidance": None,
-                "encoder_hidden_states": embeddings,
-                "txt_ids": text_ids,
-                "return_dict": False,
-            }
-            if ref_latents is not None and ref_ids is not None and kv is None:
-                noise, kv = pipe.transformer(
-                    hidden_states=torch.cat([ref_latents, latents], dim=1).to(pipe.transformer.dtype),
-                    img_ids=torch.cat([ref_ids, latent_ids], dim=1),
-                    kv_cache_mode="extract",
-                    num_ref_tokens=ref_latents.shape[1],
-                    **common,
-                )
-                assert refset is not None
-                self.kv_cache.put(refset, from_diffusers(kv))
-            elif kv is not None:
-                noise = pipe.transformer(
-                    hidden_states=latents.to(pipe.transformer.dtype),
-                    img_ids=latent_ids,
-                    kv_cache=kv,
-                    kv_cache_mode="cached",
-                    **common,
-                )[0]
-            else:
-                noise = pipe.transformer(
-                    hidden_states=latents.to(pipe.transformer.dtype), img_ids=latent_ids, **common
-                )[0]
+            text = {"encoder_hidden_states": embeddings, "txt_ids": text_ids, "guidance": None, "return_dict": False}
+            noise = self._predict(latents, latent_ids, timestep, text, refs, mode)
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(index + 1, steps)
@@ -212,7 +219,58 @@ class RenderEngine:
         # 6. Unpack to VAE latents.
         latents = self._to_vae_latents(latents, latent_ids)
         timings["total_s"] = _lap(started)
-        return RenderResult(None, timings, refset, kv_source if references else "none", latents)
+        return RenderResult(None, timings, refs.key, refs.source, latents)
+
+    def _references(
+        self, references: list[tuple[str, Image.Image]], batch_size: int, generator: torch.Generator, mode: str
+    ) -> _References:
+        if not references:
+            return _References()
+        key = reference_set_key(self.model, [digest for digest, _ in references])
+        refs = _References(key=key, source="miss" if mode == "reuse" else mode)
+        if mode == "reuse":
+            entry, refs.source = self.kv_cache.get(key)
+            refs.kv = to_diffusers(entry, batch_size) if entry is not None else None
+        if refs.kv is None:
+            refs.latents, refs.ids = self._reference_latents([image for _, image in references], batch_size, generator)
+        return refs
+
+    def _predict(
+        self,
+        latents: torch.Tensor,
+        latent_ids: torch.Tensor,
+        timestep: torch.Tensor,
+        text: dict[str, Any],
+        refs: _References,
+        mode: str,
+    ) -> torch.Tensor:
+        """One transformer call: references carried (recompute), extracted (first step), cached, or none."""
+        transformer = self.pipeline.transformer
+        hidden = latents.to(transformer.dtype)
+        if refs.latents is not None and refs.ids is not None and mode == "recompute":
+            noise = transformer(
+                hidden_states=torch.cat([hidden, refs.latents.to(transformer.dtype)], dim=1),
+                img_ids=torch.cat([latent_ids, refs.ids], dim=1),
+                timestep=timestep,
+                **text,
+            )[0]
+            return noise[:, : latents.shape[1]]  # type: ignore[no-any-return]
+        if refs.latents is not None and refs.ids is not None and refs.kv is None:
+            noise, refs.kv = transformer(
+                hidden_states=torch.cat([refs.latents.to(transformer.dtype), hidden], dim=1),
+                img_ids=torch.cat([refs.ids, latent_ids], dim=1),
+                timestep=timestep,
+                kv_cache_mode="extract",
+                num_ref_tokens=refs.latents.shape[1],
+                **text,
+            )
+            if mode == "reuse" and refs.key is not None:
+                self.kv_cache.put(refs.key, from_diffusers(refs.kv))
+            return noise  # type: ignore[no-any-return]
+        if refs.kv is not None:
+            cached = {"kv_cache": refs.kv, "kv_cache_mode": "cached"}
+            return transformer(hidden_states=hidden, img_ids=latent_ids, timestep=timestep, **cached, **text)[0]  # type: ignore[no-any-return]
+        return transformer(hidden_states=hidden, img_ids=latent_ids, timestep=timestep, **text)[0]  # type: ignore[no-any-return]
 
     def _prompt_embeddings(self, prompt: str) -> torch.Tensor:
         key = (self.model, prompt, str(MAX_SEQUENCE_LENGTH), ",".join(map(str, self.text_layers)))

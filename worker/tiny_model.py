@@ -46,12 +46,14 @@ def _tokenizer() -> Any:
     )
 
 
-def build_tiny_pipeline(seed: int = 0) -> Any:
-    """Return a ``Flux2KleinKVPipeline`` of tiny random components (VAE scale factor 8)."""
+def build_tiny_pipeline(seed: int = 0, kv: bool = True) -> Any:
+    """A tiny ``Flux2KleinKVPipeline`` (or, with ``kv=False``, ``Flux2KleinPipeline``: a klein
+    checkpoint without reference K/V reuse, like the 4B) of random components, VAE scale factor 8."""
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
         Flux2KleinKVPipeline,
+        Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -89,7 +91,8 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
         norm_num_groups=4,
         sample_size=64,
     )
-    return Flux2KleinKVPipeline(
+    pipeline_class = Flux2KleinKVPipeline if kv else Flux2KleinPipeline
+    return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -99,8 +102,8 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     )
 
 
-def make_tiny_model(folder: Path, seed: int = 0) -> Path:
+def make_tiny_model(folder: Path, seed: int = 0, kv: bool = True) -> Path:
     """Write the tiny pipeline to ``folder`` with ``save_pretrained``; return the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    build_tiny_pipeline(seed).save_pretrained(str(folder))
+    build_tiny_pipeline(seed, kv).save_pretrained(str(folder))
     return folder
