@@ -129,12 +129,15 @@ def cancel(campaign_id: str, env_file: EnvFile = None) -> None:
 def worker(
     gpu: Annotated[int | None, typer.Option(help="CUDA device index to pin (default: CPU)")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id or local folder (default: KLEINFARM_MODEL)")] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="Memory profile: auto, large, rtx5090, rtx4090 or cpu (default: auto)")
+    ] = None,
     env_file: EnvFile = None,
 ) -> None:
     """Run one GPU worker (one process per card)."""
     from kleinfarm.worker.main import run_worker
 
-    run_worker(gpu=gpu, model=model, env_file=env_file or _default_env_file())
+    run_worker(gpu=gpu, model=model, env_file=env_file or _default_env_file(), profile=profile)
 
 
 @app.command()

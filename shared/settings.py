@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,11 @@ class FarmSettings(BaseSettings):
 
     model: str = DEFAULT_MODEL
     gpu: int | None = Field(default=None, description="CUDA device index the worker pins; None = CPU")
+    profile: Literal["auto", "large", "rtx5090", "rtx4090", "cpu"] = "auto"
+    # Cache budgets in MiB; unset = from the memory profile and what the card has free.
+    kv_device_budget_mb: int | None = None
+    kv_host_budget_mb: int | None = None
+    prompt_cache_mb: int | None = None
     cache_dir: Path = Path.home() / ".cache" / "kleinfarm"
 
     reference_max_bytes: int = 50 * 1024 * 1024

@@ -9,6 +9,7 @@ job gives the same image as the pipeline with the same inputs and seed.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.jobs import EditJob, GenerateJob
 from kleinfarm.shared.refset import reference_set_key
 from kleinfarm.worker.kv_cache import ReferenceKVCache, from_diffusers, to_diffusers
+from kleinfarm.worker.profiles import HEADROOM, MemoryProfile, ProfileName, profile_for_card
 from kleinfarm.worker.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TEXT_LAYERS = (9, 18, 27)
 MAX_SEQUENCE_LENGTH = 512
 REFERENCE_MAX_AREA = 1024 * 1024
-GIB = 1024**3
 
 StepCallback = Callable[[int, int], None]
 
@@ -58,18 +59,16 @@ class CacheBudgets:
     prompts: int
 
     @classmethod
-    def auto(cls, device: torch.device) -> CacheBudgets:
-        """Half the free device memory after the model loaded; a quarter of RAM for the host tier."""
-        ram = _physical_memory()
+    def from_profile(cls, profile: MemoryProfile, device: torch.device) -> CacheBudgets:
+        """The profile's budgets, capped by what the card really has free once the model is loaded."""
+        kv_device = profile.kv_device_bytes
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
-            return cls(kv_device=free // 2, kv_host=ram // 4, prompts=GIB // 2)
-        return cls(kv_device=min(ram // 8, 4 * GIB), kv_host=ram // 8, prompts=GIB // 4)
+            kv_device = max(min(kv_device, free - HEADROOM), 0)
+        return cls(kv_device=kv_device, kv_host=profile.kv_host_bytes, prompts=profile.prompt_bytes)
 
 
-def _physical_memory() -> int:
-    import os
-
+def physical_memory() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
@@ -83,6 +82,22 @@ def check_supported(pipeline: Any, model: str) -> None:
         raise ConfigError(f"model {model!r} loads as {name}: kleinfarm runs FLUX.2 [klein] checkpoints")
     if not getattr(pipeline.config, "is_distilled", True):
         raise ConfigError(f"model {model!r} is a base (non-distilled) klein: kleinfarm runs the distilled ones")
+
+
+def place(pipeline: Any, layout: MemoryProfile, device: torch.device) -> None:
+    """Put the components where the profile says: fp8 weight storage, a streamed text encoder."""
+    if layout.weights == "fp8":
+        # Weights stored as fp8 and upcast layer by layer: half the memory of the bf16 checkpoint.
+        pipeline.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    if layout.text_encoder == "device":
+        pipeline.to(device)
+        return
+    from accelerate import cpu_offload
+
+    pipeline.transformer.to(device)
+    pipeline.vae.to(device)
+    # Streamed from host memory layer by layer; the prompt cache makes it run once per distinct prompt.
+    cpu_offload(pipeline.text_encoder, execution_device=device)
 
 
 @dataclass
@@ -110,18 +125,24 @@ class RenderResult:
 class RenderEngine:
     """Renders generate and edit jobs on one pipeline, on one device, with caches across jobs."""
 
-    def __init__(self, pipeline: Any, model: str, device: str, budgets: CacheBudgets | None = None) -> None:
+    def __init__(self, pipeline: Any, model: str, device: str, budgets: CacheBudgets, profile: str = "custom") -> None:
         self.pipeline = pipeline
         self.model = model
         self.device = torch.device(device)
         self.text_layers = text_encoder_layers(pipeline.text_encoder.config.num_hidden_layers)
-        budgets = budgets or CacheBudgets.auto(self.device)
+        self.profile = profile
         self.kv_cache = ReferenceKVCache(self.device, budgets.kv_device, budgets.kv_host)
         self.prompt_cache = PromptCache(budgets.prompts)
 
     @classmethod
-    def load(cls, model: str, device: str | None = None, budgets: CacheBudgets | None = None) -> RenderEngine:
-        """``from_pretrained`` of a Hub id or a local folder: bf16 on CUDA, fp32 on CPU.
+    def load(
+        cls,
+        model: str,
+        device: str | None = None,
+        budgets: CacheBudgets | None = None,
+        profile: ProfileName = "auto",
+    ) -> RenderEngine:
+        """``from_pretrained`` of a Hub id or a local folder, laid out by the card's memory profile.
 
         The pipeline class comes from the checkpoint: a KV checkpoint reuses reference K/V across
         jobs; any other klein checkpoint (e.g. the Apache-2.0 4B) recomputes references every step.
@@ -129,14 +150,24 @@ class RenderEngine:
         from diffusers import DiffusionPipeline
 
         device = pick_device(device)
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        card = torch.device(device)
+        card_bytes = torch.cuda.get_device_properties(card).total_memory if card.type == "cuda" else None
+        layout = profile_for_card(profile, card_bytes, physical_memory())
+        dtype = torch.float32 if card.type == "cpu" else torch.bfloat16
         started = time.perf_counter()
         pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         check_supported(pipeline, model)
-        pipeline.to(device)
+        place(pipeline, layout, card)
         pipeline.set_progress_bar_config(disable=True)
-        log.info("loaded %s on %s (%s) in %.1f s", model, device, dtype, time.perf_counter() - started)
-        return cls(pipeline, model, device, budgets)
+        log.info(
+            "loaded %s on %s (%s, profile %s) in %.1f s",
+            model,
+            device,
+            dtype,
+            layout.name,
+            time.perf_counter() - started,
+        )
+        return cls(pipeline, model, device, budgets or CacheBudgets.from_profile(layout, card), layout.name)
 
     @property
     def kv_reuse(self) -> bool:
@@ -323,6 +354,7 @@ class RenderEngine:
     def report(self) -> dict[str, Any]:
         """What the engine holds, for the worker registry and metrics."""
         return {
+            "profile": self.profile,
             "kv": self.kv_cache.report(),
             "prompts": {
                 "hits": self.prompt_cache.hits,

@@ -12,6 +12,7 @@ from kleinfarm.shared.settings import FarmSettings
 
 if TYPE_CHECKING:
     from kleinfarm.worker.context import WorkerContext
+    from kleinfarm.worker.engine import CacheBudgets
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +23,14 @@ def pin_gpu(gpu: int | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
-def run_worker(gpu: int | None = None, model: str | None = None, env_file: Path | None = None) -> None:
+def run_worker(
+    gpu: int | None = None, model: str | None = None, env_file: Path | None = None, profile: str | None = None
+) -> None:
     """Load the model once, join the farm, and serve jobs until stopped."""
-    pin_gpu(gpu)
     settings = FarmSettings.from_env(env_file)
-    if model:
-        settings.model = model
-    if gpu is not None:
-        settings.gpu = gpu
+    overrides = {"model": model, "gpu": gpu, "profile": profile}
+    settings = settings.model_copy(update={key: value for key, value in overrides.items() if value is not None})
+    pin_gpu(settings.gpu)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # Imported only now: torch must not initialise CUDA before the card is pinned.
@@ -40,7 +41,9 @@ def run_worker(gpu: int | None = None, model: str | None = None, env_file: Path 
     from kleinfarm.worker.engine import RenderEngine
     from kleinfarm.worker.tasks import register_tasks
 
-    engine = RenderEngine.load(settings.model, "cuda" if gpu is not None else None)
+    engine = RenderEngine.load(
+        settings.model, "cuda" if settings.gpu is not None else None, budgets_from(settings), settings.profile
+    )
     ctx = WorkerContext.build(settings, engine, new_worker_id(gpu))
     context.install(ctx)
     app = make_celery(settings)
@@ -76,6 +79,17 @@ def run_worker(gpu: int | None = None, model: str | None = None, env_file: Path 
         dispatcher.stop()
         requeued = ctx.registry.retire(ctx.worker_id, reason="worker stopped")
         log.info("worker %s stopped; %d waiting job(s) handed back", ctx.worker_id, requeued)
+
+
+def budgets_from(settings: FarmSettings) -> CacheBudgets | None:
+    """Budgets set in MiB override the profile's, all three or none."""
+    from kleinfarm.worker.engine import CacheBudgets
+
+    sizes = (settings.kv_device_budget_mb, settings.kv_host_budget_mb, settings.prompt_cache_mb)
+    if any(size is None for size in sizes):
+        return None
+    device, host, prompts = (int(size or 0) << 20 for size in sizes)
+    return CacheBudgets(kv_device=device, kv_host=host, prompts=prompts)
 
 
 def _heartbeat(ctx: WorkerContext, stop: threading.Event) -> None:
