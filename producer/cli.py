@@ -211,5 +211,18 @@ def bench_submit(
     run_bench(jobs, redis_url, references)
 
 
+@bench_app.command("kv")
+def bench_kv(
+    refs: Annotated[str, typer.Option(help="Reference counts, comma-separated")] = "1,2,4",
+    full_size: Annotated[bool, typer.Option(help="The real 9B shapes, 1024 px (needs a large GPU)")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    repeat: Annotated[int, typer.Option(help="Timed jobs per mode; the fastest counts")] = 1,
+) -> None:
+    """Reference K/V kept across jobs vs. per-job KV vs. recomputing references every step."""
+    from kleinfarm.worker.bench_kv import run
+
+    run([int(count) for count in refs.split(",")], full_size, device, repeat)
+
+
 def main() -> None:
     sys.exit(app())

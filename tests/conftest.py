@@ -132,6 +132,8 @@ class WorkerPool:
 def workers(farm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
     """Two worker processes serving the test farm for the whole session."""
     pool = WorkerPool(farm_env, tmp_path_factory.mktemp("worker-logs"))
-    pool.start(2)
-    yield pool
-    pool.stop()
+    try:
+        pool.start(2)
+        yield pool
+    finally:
+        pool.stop()
