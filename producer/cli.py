@@ -126,6 +126,45 @@ def cancel(campaign_id: str, env_file: EnvFile = None) -> None:
 
 
 @app.command()
+def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
+    """Live workers: card, jobs held, reference sets cached per tier, cache hits and misses."""
+    from kleinfarm.shared.registry import Registry
+
+    client = _client(env_file)
+    rows = []
+    for view in Registry(client.state, client.settings.worker_lapse_s).live_workers():
+        engine = json.loads(view.info.get("engine", "{}"))
+        kv = engine.get("kv", {})
+        rows.append(
+            {
+                "worker": view.worker_id,
+                "device": view.info.get("device"),
+                "profile": engine.get("profile"),
+                "assigned": view.assigned,
+                "kv_device": kv.get("device", {}).get("keys", {}),
+                "kv_host": kv.get("host", {}).get("keys", {}),
+                "kv_stats": kv.get("stats", {}),
+            }
+        )
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table("worker", "device", "profile", "assigned", "KV sets (device/host)", "hits dev/host/miss")
+    for row in rows:
+        stats = row["kv_stats"]
+        table.add_row(
+            row["worker"],
+            str(row["device"]),
+            str(row["profile"]),
+            str(row["assigned"]),
+            f"{len(row['kv_device'])}/{len(row['kv_host'])}",
+            f"{stats.get('hits_device', 0)}/{stats.get('hits_host', 0)}/{stats.get('misses', 0)}",
+        )
+    Console().print(table)
+
+
+@app.command()
 def worker(
     gpu: Annotated[int | None, typer.Option(help="CUDA device index to pin (default: CPU)")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id or local folder (default: KLEINFARM_MODEL)")] = None,
@@ -222,6 +261,25 @@ def bench_kv(
     from kleinfarm.worker.bench_kv import run
 
     run([int(count) for count in refs.split(",")], full_size, device, repeat)
+
+
+@bench_app.command("routing")
+def bench_routing(
+    workers: Annotated[int, typer.Option(help="Workers (GPUs) to simulate")] = 8,
+    trace: Annotated[
+        Path | None, typer.Option(help="JSONL trace: arrival_s, refset, num_refs, ref_px, width, height")
+    ] = None,
+    zipf: Annotated[float | None, typer.Option(help="Zipf exponent of a generated trace")] = None,
+    bursty: Annotated[bool, typer.Option(help="A generated trace of whole campaigns arriving in bursts")] = False,
+    jobs: Annotated[int, typer.Option(help="Jobs in a generated trace")] = 10_000,
+    kv_gib: Annotated[float, typer.Option(help="Reference K/V budget per worker, GiB")] = 32.0,
+    seed: int = 1,
+    write_trace: Annotated[Path | None, typer.Option(help="Also write the generated trace here")] = None,
+) -> None:
+    """Simulate every routing policy on one trace with the farm's own routing code."""
+    from kleinfarm.producer.bench_routing import bench_routing as run_bench
+
+    run_bench(workers, trace, zipf, bursty, jobs, kv_gib, seed, write_trace)
 
 
 def main() -> None:

@@ -9,13 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kleinfarm.shared.costmodel import MAX_REF_SIDE, CostModel
 from kleinfarm.shared.errors import FarmTimeoutError, JobSpecError
-from kleinfarm.shared.jobs import Campaign, EditJob
+from kleinfarm.shared.jobs import Campaign, EditJob, GenerateJob
 from kleinfarm.shared.manifest import result_row, write_manifest
+from kleinfarm.shared.refset import route_key
 from kleinfarm.shared.settings import FarmSettings
-from kleinfarm.shared.state import CampaignStatus, FarmState, NewJob
+from kleinfarm.shared.state import CampaignStatus, FarmState, NewJob, RoutingInfo
 from kleinfarm.shared.storage import Storage
 
+COSTS = CostModel()
 # How long the finisher of a campaign's last job gets to write the manifest before a client does.
 MANIFEST_GRACE_S = 10.0
 
@@ -40,9 +43,21 @@ def prepare_jobs(campaign: Campaign) -> list[NewJob]:
             _check_local_references(job, index, missing)
         seeded = job.with_seed()
         spec = seeded.model_dump(mode="json", exclude={"id"})
+        routing = routing_info(seeded, campaign.priority)
         shown = {"kind": seeded.kind, "seed": str(seeded.seed), "width": str(job.width), "height": str(job.height)}
-        prepared.append(NewJob(job_id=job_id, spec=spec, fields=shown))
+        if routing.route:
+            shown["route"] = routing.route
+        prepared.append(NewJob(job_id=job_id, spec=spec, routing=routing, fields=shown))
     return prepared
+
+
+def routing_info(job: GenerateJob | EditJob, priority: int = 0, costs: CostModel = COSTS) -> RoutingInfo:
+    """Routing key and cost estimates; references are assumed at the 1024 px they are capped to."""
+    work = costs.cached_render_s(job.width, job.height)
+    if not isinstance(job, EditJob):
+        return RoutingInfo(None, work, 0.0, priority)
+    build = costs.build_s(len(job.references), MAX_REF_SIDE)
+    return RoutingInfo(route_key(job.references), work, build, priority)
 
 
 def _check_local_references(job: EditJob, index: int, missing: dict[str, bool]) -> None:

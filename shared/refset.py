@@ -20,6 +20,15 @@ def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def route_key(locators: Sequence[str]) -> str:
+    """The routing key of an ordered reference set, from its locators, known at submit time.
+
+    The router groups jobs by it; the worker maps it to the content key it cached under, and
+    publishes the routing keys of the sets it holds.
+    """
+    return "rt-" + hashlib.sha256("\n".join(locators).encode()).hexdigest()[:32]
+
+
 def reference_set_key(model: str, digests: Sequence[str], preprocessing: str = PREPROCESSING_VERSION) -> str:
     """Key of an ordered reference set for ``model``; order matters (position ids depend on it)."""
     payload = json.dumps({"model": model, "refs": list(digests), "prep": preprocessing}, separators=(",", ":"))

@@ -26,6 +26,9 @@ class FarmSettings(BaseSettings):
 
     model: str = DEFAULT_MODEL
     gpu: int | None = Field(default=None, description="CUDA device index the worker pins; None = CPU")
+    worker_name: str | None = Field(
+        default=None, description="identity of this worker's card, stable across restarts (default: host and GPU)"
+    )
     profile: Literal["auto", "large", "rtx5090", "rtx4090", "cpu"] = "auto"
     # Cache budgets in MiB; unset = from the memory profile and what the card has free.
     kv_device_budget_mb: int | None = None

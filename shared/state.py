@@ -23,6 +23,7 @@ PENDING = f"{PREFIX}:pending"
 WAKE = f"{PREFIX}:wake"
 SEQUENCE = f"{PREFIX}:seq"
 CAMPAIGNS = f"{PREFIX}:campaigns"
+ROUTING = f"{PREFIX}:routing"
 COUNTED_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 # Priority dominates the pending order; the sequence number keeps FIFO within one priority.
 PRIORITY_WEIGHT = 1e12
@@ -100,12 +101,31 @@ class CampaignStatus:
 COUNTS_ORDER = ("total", "pending", "running", "succeeded", "failed", "cancelled")
 
 
+@dataclass(frozen=True)
+class RoutingInfo:
+    """A job's routing key and cost estimates, kept in one hash the dispatcher reads in one call."""
+
+    route: str | None
+    work_s: float
+    build_s: float
+    priority: int = 0
+
+    def encode(self) -> str:
+        return f"{self.route or ''}|{self.work_s:.4f}|{self.build_s:.4f}|{self.priority}"
+
+    @classmethod
+    def decode(cls, text: str) -> RoutingInfo:
+        route, work, build, priority = text.split("|")
+        return cls(route or None, float(work), float(build), int(priority))
+
+
 @dataclass
 class NewJob:
     """A validated job ready to be written: its id, its spec (JSON-able) and what to show."""
 
     job_id: str
     spec: dict[str, Any]
+    routing: RoutingInfo
     fields: dict[str, str] = field(default_factory=dict)
 
 
@@ -140,6 +160,7 @@ class FarmState:
                 scores[member] = score
                 record: dict[Any, Any] = {**job.fields, "spec": json.dumps(job.spec), "state": "pending", "attempt": 0}
                 pipe.hset(job_key(member), mapping={**record, "score": score, "job_id": job.job_id})
+            pipe.hset(ROUTING, mapping={job_member(campaign_id, job.job_id): job.routing.encode() for job in chunk})
             pipe.rpush(campaign_jobs_key(campaign_id), *(job.job_id for job in chunk))
             pipe.zadd(PENDING, scores)
             pipe.execute()
@@ -258,9 +279,17 @@ class FarmState:
         keys = [job_key(member), campaign_key(campaign_of(member)), PENDING]
         return keys, [str(target), json.dumps(condition)]
 
-    def assign(self, member: str, worker: str, assigned_set: str) -> int:
+    def assign(self, member: str, worker: str, assigned_set: str, estimate_s: float) -> int:
         """Give a pending job to ``worker``; return its new attempt number, 0 if it was taken."""
-        return int(self._assign(keys=[PENDING, job_key(member), assigned_set], args=[member, worker]))
+        keys = [PENDING, job_key(member), assigned_set]
+        return int(self._assign(keys=keys, args=[member, worker, f"{estimate_s:.4f}"]))
+
+    def routing(self, members: list[str]) -> list[RoutingInfo | None]:
+        """What the router needs of each job, written at submit."""
+        if not members:
+            return []
+        rows: list[str | None] = self.redis.hmget(ROUTING, members)  # type: ignore[assignment]
+        return [RoutingInfo.decode(row) if row else None for row in rows]
 
     def events_channel(self, campaign_id: str) -> str:
         """Pub/sub channel on which every job transition of the campaign is announced."""

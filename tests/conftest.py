@@ -89,30 +89,33 @@ class WorkerPool:
     log_dir: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, count: int = 1) -> list[subprocess.Popen[bytes]]:
+    def start(self, count: int = 1, name: str | None = None) -> list[subprocess.Popen[bytes]]:
         started = []
+        extra = {"KLEINFARM_WORKER_NAME": name} if name else {}
         for _ in range(count):
             log = (self.log_dir / f"worker-{len(self.processes)}.log").open("wb")
             process = subprocess.Popen(
                 [sys.executable, "-m", "kleinfarm.producer", "worker"],
-                env={**os.environ, **self.env},
+                env={**os.environ, **self.env, **extra},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
             self.processes.append(process)
             started.append(process)
-        self.wait_live(len(self.alive()))
+        self.wait_live(started)
         return started
 
     def alive(self) -> list[subprocess.Popen[bytes]]:
         return [process for process in self.processes if process.poll() is None]
 
-    def wait_live(self, count: int) -> None:
+    def wait_live(self, processes: list[subprocess.Popen[bytes]]) -> None:
+        """Until each process has registered (by its pid) in the farm's worker registry."""
         registry = Registry(FarmClient(settings_from(self.env)).state, lapse_s=3)
         deadline = time.monotonic() + WORKER_START_S
-        while len(registry.live_workers()) != count:
-            assert time.monotonic() < deadline, f"{count} workers not live; logs in {self.log_dir}"
-            assert all(process.poll() is None for process in self.alive())
+        wanted = {str(process.pid) for process in processes}
+        while not wanted <= {view.info.get("pid") for view in registry.live_workers()}:
+            assert time.monotonic() < deadline, f"workers not live; logs in {self.log_dir}"
+            assert all(process.poll() is None for process in processes), f"a worker died; logs in {self.log_dir}"
             time.sleep(0.1)
 
     def logs(self) -> str:

@@ -82,6 +82,17 @@ def test_edit_jobs_sharing_references_are_served_from_the_workers_kv_cache(
     assert len({line["refset"] for line in lines}) == 1
     assert sources.count("miss") <= len(workers.alive())  # built at most once per worker
     assert sources.count("device") >= 8 - len(workers.alive())
+    # What the workers publish of their caches names the set, with its bytes.
+    refset = lines[0]["refset"]
+    deadline = time.monotonic() + 30
+    while not any(refset in published_kv_keys(view.info) for view in Registry(client.state, 3).live_workers()):
+        assert time.monotonic() < deadline, "no worker published the reference set it holds"
+        time.sleep(0.2)
+
+
+def published_kv_keys(info: dict[str, str]) -> dict[str, int]:
+    kv = json.loads(info.get("engine", "{}")).get("kv", {})
+    return {**kv.get("device", {}).get("keys", {}), **kv.get("host", {}).get("keys", {})}
 
 
 def test_the_same_seed_gives_the_same_image(client: FarmClient, storage: Storage, workers: WorkerPool) -> None:
@@ -102,6 +113,7 @@ def test_the_same_seed_gives_the_same_image(client: FarmClient, storage: Storage
 def test_bad_references_fail_their_jobs_with_a_clear_message_while_the_rest_succeed(
     client: FarmClient, storage: Storage, workers: WorkerPool, tmp_path: Path
 ) -> None:
+    alive_before = len(workers.alive())
     good = png_bytes((300, 300))
     truncated = upload_reference(storage, "inputs/truncated.png", good[: len(good) // 2])
     not_image = upload_reference(storage, "inputs/notes.png", b"these are notes, not pixels")
@@ -128,7 +140,7 @@ def test_bad_references_fail_their_jobs_with_a_clear_message_while_the_rest_succ
         "(KLEINFARM_REFERENCE_MAX_PIXELS)"
     )
     assert errors["missing"] == f"{missing} does not exist"
-    assert len(workers.alive()) == 2
+    assert len(workers.alive()) == alive_before
 
 
 def test_a_pickled_message_is_refused_and_never_runs(client: FarmClient, workers: WorkerPool) -> None:

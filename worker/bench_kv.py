@@ -156,9 +156,9 @@ def run(ref_counts: list[int], full_size: bool, device: str, repeat: int) -> lis
         seconds: dict[str, float] = {}
         baselines: tuple[tuple[ReferenceMode, str], ...] = (("recompute", "recompute_s"), ("per_job", "per_job_kv_s"))
         for mode, label in baselines:
-            seconds[label] = min(timed_job(engine, refs, shape, f"{mode}{i}", mode)[0] for i in range(repeat))
-        timed_job(engine, refs, shape, "builds-the-cache", "reuse")
-        hits = [timed_job(engine, refs, shape, f"hit{i}", "reuse") for i in range(repeat)]
+            seconds[label] = min(timed_job(engine, refs, shape, f"{mode}-{count}-{i}", mode)[0] for i in range(repeat))
+        timed_job(engine, refs, shape, f"builds-the-cache-{count}", "reuse")
+        hits = [timed_job(engine, refs, shape, f"hit-{count}-{i}", "reuse") for i in range(repeat)]
         hit_s, hit_timings = min(hits, key=lambda pair: pair[0])
         row = {
             "refs": count,

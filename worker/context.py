@@ -18,11 +18,15 @@ if TYPE_CHECKING:
     from kleinfarm.worker.references import ReferenceFetcher
 
 
-def new_worker_id(gpu: int | None) -> str:
-    """Host, card and an epoch that changes on every start, so a restart is a new worker."""
+def default_identity(gpu: int | None) -> str:
+    """Host and card; CPU workers on one host are told apart by process."""
     host = socket.gethostname().split(".")[0]
-    card = f"gpu{gpu}" if gpu is not None else "cpu"
-    return f"{host}-{card}-{os.getpid()}-{secrets.token_hex(3)}"
+    return f"{host}-gpu{gpu}" if gpu is not None else f"{host}-cpu-{os.getpid()}"
+
+
+def new_worker_id(identity: str) -> str:
+    """The identity plus an epoch that changes on every start, so a restart is a new worker."""
+    return f"{identity}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -34,14 +38,23 @@ class WorkerContext:
     fetcher: ReferenceFetcher
     engine: RenderEngine
     worker_id: str
+    identity: str
     counters: dict[str, int] = field(default_factory=lambda: {"succeeded": 0, "failed": 0, "cancelled": 0})
+    # Routing key -> the content key its references were cached under.
+    routes: dict[str, str] = field(default_factory=dict)
+
+    def held_routes(self) -> list[str]:
+        """Routing keys whose reference K/V this worker holds now, in either tier."""
+        cache = self.engine.kv_cache
+        held = set(cache.device_tier.entries) | set(cache.host_tier.entries)
+        return sorted(route for route, refset in self.routes.items() if refset in held)
 
     @property
     def queue(self) -> str:
         return worker_queue(self.worker_id)
 
     @classmethod
-    def build(cls, settings: FarmSettings, engine: RenderEngine, worker_id: str) -> WorkerContext:
+    def build(cls, settings: FarmSettings, engine: RenderEngine, identity: str) -> WorkerContext:
         from kleinfarm.worker.references import ReferenceFetcher
 
         state = FarmState.from_url(settings.redis_url)
@@ -53,7 +66,8 @@ class WorkerContext:
             storage=storage,
             fetcher=ReferenceFetcher(storage, settings),
             engine=engine,
-            worker_id=worker_id,
+            worker_id=new_worker_id(identity),
+            identity=identity,
         )
 
 

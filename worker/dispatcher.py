@@ -18,12 +18,13 @@ from redis.exceptions import LockError, RedisError
 
 from kleinfarm.shared.jobs import JobState
 from kleinfarm.shared.registry import Registry, WorkerView, assigned_key
-from kleinfarm.shared.routing import pick_worker
+from kleinfarm.shared.routing import PendingIndex, PendingJob, WorkerState, assign_round
 from kleinfarm.shared.state import PENDING, PREFIX, WAKE, FarmState, campaign_of, job_key
 from kleinfarm.worker.celery_app import EDIT_TASK, GENERATE_TASK
 
 log = logging.getLogger(__name__)
 LOCK = f"{PREFIX}:dispatcher:lock"
+WINDOW_JOBS = 2048  # how deep into the pending queue one dispatch round looks
 
 
 class Dispatcher:
@@ -80,19 +81,42 @@ class Dispatcher:
         return self._leading
 
     def dispatch(self) -> int:
-        """Fill every worker's free slots from the pending queue; return jobs dispatched."""
-        workers = self.registry.live_workers()
+        """Fill every worker's free slots from the head of the pending queue; return jobs dispatched.
+
+        The decisions are ``kleinfarm.shared.routing.assign_round``'s, on what every worker holds
+        and has been handed right now: the same code the simulator runs.
+        """
+        views = {view.worker_id: view for view in self.registry.live_workers()}
+        if not any(view.room for view in views.values()):
+            return 0
+        members: list[str] = self.state.redis.zrange(PENDING, 0, WINDOW_JOBS - 1)  # type: ignore[assignment]
+        if not members:
+            return 0
+        pending = PendingIndex(
+            PendingJob(member, info.route, info.work_s, info.build_s, info.priority)
+            if info
+            else PendingJob(member, None, 1.0, 0.0)  # no routing record: route it like a generate job
+            for member, info in zip(members, self.state.routing(members), strict=True)
+        )
+        states = [self._worker_state(view) for view in views.values()]
+        holders: dict[str, int] = {}
+        for state in states:
+            for route in state.holds:
+                holders[route] = holders.get(route, 0) + 1
         dispatched = 0
-        while (worker := pick_worker(workers)) is not None:
-            members: list[str] = self.state.redis.zrange(PENDING, 0, 0)  # type: ignore[assignment]
-            if not members:
-                break
-            attempt = self.state.assign(members[0], worker.worker_id, assigned_key(worker.worker_id))
+        for state, job in assign_round(pending, states, holders):
+            view = views[state.worker_id]
+            estimate = job.work_s + (job.build_s if job.route and job.route not in view.routes else 0.0)
+            attempt = self.state.assign(job.member, view.worker_id, assigned_key(view.worker_id), estimate)
             if attempt:
-                self.publish(members[0], attempt, worker)
-                worker.assigned += 1
+                self.publish(job.member, attempt, view)
                 dispatched += 1
         return dispatched
+
+    def _worker_state(self, view: WorkerView) -> WorkerState:
+        """Holdings: what the worker reports cached, plus the sets of the jobs already handed to it."""
+        handed = [info.route for info in self.state.routing(list(view.assigned)) if info and info.route]
+        return WorkerState(view.worker_id, view.identity, view.queued_s, view.room, view.routes | set(handed))
 
     def publish(self, member: str, attempt: int, worker: WorkerView) -> None:
         """Send the job as a Celery task to the worker's queue, with arguments Flower can show."""

@@ -53,7 +53,7 @@ def _execute(context: WorkerContext, member: str, send_event: EventSender) -> tu
             raise JobCancelledError("campaign cancelled")
         record = context.state.job(member)
         job = JOB_ADAPTER.validate_json(record["spec"])
-        return JobState.SUCCEEDED, _render_and_store(context, member, job, send_event)
+        return JobState.SUCCEEDED, _render_and_store(context, member, job, record.get("route"), send_event)
     except JobCancelledError as error:
         return JobState.CANCELLED, {"error": str(error)}
     except KleinfarmError as error:
@@ -64,7 +64,7 @@ def _execute(context: WorkerContext, member: str, send_event: EventSender) -> tu
 
 
 def _render_and_store(
-    context: WorkerContext, member: str, job: GenerateJob | EditJob, send_event: EventSender
+    context: WorkerContext, member: str, job: GenerateJob | EditJob, route: str | None, send_event: EventSender
 ) -> dict[str, str]:
     campaign_id = campaign_of(member)
     fetch_started = time.perf_counter()
@@ -79,6 +79,8 @@ def _render_and_store(
 
     result = context.engine.render(job, [(ref.digest, ref.image) for ref in references], on_step)
     fields = {"refset": result.refset, "kv": result.kv} if result.refset else {}
+    if result.refset and route:
+        context.routes[route] = result.refset
     result.timings["fetch_s"] = round(fetch_s, 4)
     meta = context.state.campaign_meta(campaign_id)
     key = output_key(meta["output_prefix"], campaign_id, member.split("/", 1)[1])

@@ -36,7 +36,7 @@ def run_worker(
     # Imported only now: torch must not initialise CUDA before the card is pinned.
     from kleinfarm.worker import context
     from kleinfarm.worker.celery_app import make_celery
-    from kleinfarm.worker.context import WorkerContext, new_worker_id
+    from kleinfarm.worker.context import WorkerContext, default_identity
     from kleinfarm.worker.dispatcher import Dispatcher
     from kleinfarm.worker.engine import RenderEngine
     from kleinfarm.worker.tasks import register_tasks
@@ -44,7 +44,7 @@ def run_worker(
     engine = RenderEngine.load(
         settings.model, "cuda" if settings.gpu is not None else None, budgets_from(settings), settings.profile
     )
-    ctx = WorkerContext.build(settings, engine, new_worker_id(gpu))
+    ctx = WorkerContext.build(settings, engine, settings.worker_name or default_identity(settings.gpu))
     context.install(ctx)
     app = make_celery(settings)
     register_tasks(app)
@@ -104,6 +104,8 @@ def _heartbeat(ctx: WorkerContext, stop: threading.Event) -> None:
 def _worker_info(ctx: WorkerContext) -> dict[str, object]:
     return {
         "queue": ctx.queue,
+        "identity": ctx.identity,
+        "routes": ctx.held_routes(),
         "gpu": "" if ctx.settings.gpu is None else str(ctx.settings.gpu),
         "device": str(ctx.engine.device),
         "model": ctx.engine.model,

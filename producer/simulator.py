@@ -1,0 +1,299 @@
+"""A discrete-event simulation of the farm's routing, running the farm's own policy code.
+
+Push policies (round-robin, least-loaded, SGLang-style cache-aware, bounded-load consistent
+hashing) place a job on a worker's queue when it arrives; the worker runs its queue in order.
+Ours binds late: jobs wait in one pending index and a worker with a free slot (two: one running,
+one waiting) takes the job ``kleinfarm.shared.routing.choose_route`` gives it. Every worker keeps
+reference K/V in an LRU cache with a byte budget; a job whose set is not held pays the build.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kleinfarm.shared.costmodel import CostModel
+from kleinfarm.shared.routing import PendingIndex, PendingJob, WorkerState, choose_route, over_cap
+
+SLOTS = 2
+SGLANG_MATCH_THRESHOLD = 0.3
+SGLANG_BALANCE_ABS = 64
+SGLANG_BALANCE_REL = 1.5
+CH_EPSILON = 0.25
+CH_VNODES = 64
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    index: int
+    arrival_s: float
+    refset: str | None
+    work_s: float
+    build_s: float
+    kv_bytes: int
+
+
+def trace_jobs(rows: Sequence[dict[str, Any]], costs: CostModel) -> list[TraceJob]:
+    """Trace rows (``arrival_s, refset, num_refs, ref_px, width, height``) with their costs."""
+    jobs = []
+    for index, row in enumerate(sorted(rows, key=lambda row: row["arrival_s"])):
+        refs = int(row.get("num_refs") or 0) if row.get("refset") else 0
+        jobs.append(
+            TraceJob(
+                index=index,
+                arrival_s=float(row["arrival_s"]),
+                refset=row.get("refset") if refs else None,
+                work_s=costs.cached_render_s(int(row["width"]), int(row["height"])),
+                build_s=costs.build_s(refs, int(row.get("ref_px") or 1024)),
+                kv_bytes=costs.kv_bytes(refs, int(row.get("ref_px") or 1024)),
+            )
+        )
+    return jobs
+
+
+@dataclass
+class KVCache:
+    """A worker's reference K/V, least recently used out first."""
+
+    budget: int
+    entries: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    used: int = 0
+
+    def lookup(self, job: TraceJob) -> tuple[bool, list[str]]:
+        """Whether the job's set is held; caches it if not; returns the sets evicted."""
+        if job.refset is None:
+            return True, []
+        if job.refset in self.entries:
+            self.entries.move_to_end(job.refset)
+            return True, []
+        evicted = []
+        if job.kv_bytes <= self.budget:
+            self.entries[job.refset] = job.kv_bytes
+            self.used += job.kv_bytes
+            while self.used > self.budget:
+                key, size = self.entries.popitem(last=False)
+                self.used -= size
+                evicted.append(key)
+        return False, evicted
+
+
+@dataclass
+class Outcome:
+    """What happened to each job."""
+
+    start: list[float]
+    finish: list[float]
+    hit: list[bool]
+    busy: list[float]
+
+
+class PushWorker:
+    """A worker that runs the jobs placed on its queue, in order."""
+
+    def __init__(self, budget: int) -> None:
+        self.cache = KVCache(budget)
+        self.free_at = 0.0
+        self.finishes: deque[float] = deque()
+        self.busy = 0.0
+        self.seen: set[str] = set()
+
+    def run(self, job: TraceJob, outcome: Outcome) -> None:
+        start = max(job.arrival_s, self.free_at)
+        hit, _ = self.cache.lookup(job)
+        duration = job.work_s + (0.0 if hit else job.build_s)
+        self.free_at = start + duration
+        self.busy += duration
+        self.finishes.append(self.free_at)
+        outcome.start[job.index], outcome.finish[job.index], outcome.hit[job.index] = start, self.free_at, hit
+        if job.refset:
+            self.seen.add(job.refset)
+
+    def in_flight(self, now: float) -> int:
+        while self.finishes and self.finishes[0] <= now:
+            self.finishes.popleft()
+        return len(self.finishes)
+
+
+Chooser = Callable[[TraceJob, list[PushWorker]], int]
+
+
+def simulate_push(jobs: list[TraceJob], workers: int, budget: int, choose: Chooser) -> Outcome:
+    pool = [PushWorker(budget) for _ in range(workers)]
+    outcome = Outcome([0.0] * len(jobs), [0.0] * len(jobs), [True] * len(jobs), [])
+    for job in jobs:
+        pool[choose(job, pool)].run(job, outcome)
+    outcome.busy = [worker.busy for worker in pool]
+    return outcome
+
+
+def round_robin() -> Chooser:
+    counter = iter(range(1 << 62))
+    return lambda job, pool: next(counter) % len(pool)
+
+
+def least_loaded() -> Chooser:
+    """The worker whose queue frees first: least queued seconds."""
+    return lambda job, pool: min(range(len(pool)), key=lambda index: pool[index].free_at)
+
+
+def sglang_cache_aware() -> Chooser:
+    """SGLang's cache_aware: shortest queue when imbalanced, else the worker that saw the set."""
+
+    def choose(job: TraceJob, pool: list[PushWorker]) -> int:
+        loads = [worker.in_flight(job.arrival_s) for worker in pool]
+        shortest = min(range(len(pool)), key=loads.__getitem__)
+        high, low = max(loads), min(loads)
+        if high - low > SGLANG_BALANCE_ABS and high > SGLANG_BALANCE_REL * low:
+            return shortest
+        if job.refset is not None:
+            matches = [index for index, worker in enumerate(pool) if job.refset in worker.seen]
+            match_rate = 1.0 if matches else 0.0  # a reference set matches whole or not at all
+            if match_rate > SGLANG_MATCH_THRESHOLD:
+                return min(matches, key=loads.__getitem__)
+        return shortest
+
+    return choose
+
+
+def bounded_consistent_hashing(workers: int) -> Chooser:
+    """Consistent hashing with bounded loads (eps 0.25): walk the ring past workers over the cap."""
+    ring = sorted((_hash(f"w{index}#{vnode}"), index) for index in range(workers) for vnode in range(CH_VNODES))
+    points = [point for point, _ in ring]
+
+    def choose(job: TraceJob, pool: list[PushWorker]) -> int:
+        loads = [worker.in_flight(job.arrival_s) for worker in pool]
+        if job.refset is None:
+            return min(range(len(pool)), key=loads.__getitem__)
+        cap = (1 + CH_EPSILON) * (sum(loads) + 1) / len(pool)
+        start = bisect.bisect(points, _hash(job.refset)) % len(ring)
+        for step in range(len(ring)):
+            index = ring[(start + step) % len(ring)][1]
+            if loads[index] + 1 <= cap:
+                return index
+        return ring[start][1]
+
+    return choose
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class LateWorker:
+    """A worker of the late-binding farm: one job running, one waiting."""
+
+    def __init__(self, index: int, budget: int) -> None:
+        self.index = index
+        self.state = WorkerState(f"w{index:04d}", f"w{index:04d}", 0.0, SLOTS)
+        self.cache = KVCache(budget)
+        self.waiting: deque[tuple[TraceJob, float]] = deque()
+        self.running = False
+        self.busy = 0.0
+        self.handed: dict[str, int] = {}
+
+
+class LateBindingSim:
+    """The farm's dispatcher, event by event, with the farm's policy."""
+
+    def __init__(self, jobs: list[TraceJob], workers: int, budget: int) -> None:
+        self.jobs = jobs
+        self.pool = [LateWorker(index, budget) for index in range(workers)]
+        self.pending = PendingIndex()
+        self.holders: dict[str, int] = {}
+        self.queued_total = 0.0
+        self.free = set(range(workers))
+        self.events: list[tuple[float, int, int, int]] = []  # (time, order, kind, index)
+        self.outcome = Outcome([0.0] * len(jobs), [0.0] * len(jobs), [True] * len(jobs), [])
+
+    def run(self) -> Outcome:
+        for job in self.jobs:
+            heapq.heappush(self.events, (job.arrival_s, job.index, 0, job.index))
+        order = len(self.jobs)
+        while self.events:
+            now, _, kind, index = heapq.heappop(self.events)
+            if kind == 0:
+                job = self.jobs[index]
+                self.pending.add(PendingJob(str(job.index), job.refset, job.work_s, job.build_s))
+            else:
+                order = self._finish(self.pool[index], now, order)
+            order = self._dispatch(now, order)
+        self.outcome.busy = [worker.busy for worker in self.pool]
+        return self.outcome
+
+    def _dispatch(self, now: float, order: int) -> int:
+        progress = True
+        while progress and self.pending:
+            progress = False
+            free = [self.pool[index] for index in self.free]
+            if not free:
+                break
+            mean = self.queued_total / len(self.pool)
+            fair = (self.pending.total_s + self.queued_total) / len(self.pool)
+            for worker in sorted(free, key=lambda item: (item.state.queued_s, item.state.worker_id)):
+                if not self.pending or over_cap(worker.state, mean):
+                    continue
+                take = choose_route(worker.state, self.pending, self.holders, len(self.pool), fair)
+                if take is None:
+                    continue
+                order = self._hand(worker, self.jobs[int(self.pending.pop(take.route).member)], now, order)
+                progress = True
+        return order
+
+    def _hand(self, worker: LateWorker, job: TraceJob, now: float, order: int) -> int:
+        estimate = job.work_s + (0.0 if job.refset is None or job.refset in worker.state.holds else job.build_s)
+        if job.refset is not None:
+            worker.handed[job.refset] = worker.handed.get(job.refset, 0) + 1
+            self._hold(worker, job.refset)
+        worker.state.queued_s += estimate
+        worker.state.free_slots -= 1
+        if not worker.state.free_slots:
+            self.free.discard(worker.index)
+        self.queued_total += estimate
+        worker.waiting.append((job, estimate))
+        if not worker.running:
+            order = self._start(worker, now, order)
+        return order
+
+    def _start(self, worker: LateWorker, now: float, order: int) -> int:
+        job, _ = worker.waiting[0]
+        hit, evicted = worker.cache.lookup(job)
+        for refset in evicted:
+            if not worker.handed.get(refset):
+                self._release(worker, refset)
+        duration = job.work_s + (0.0 if hit else job.build_s)
+        self.outcome.start[job.index], self.outcome.hit[job.index] = now, hit
+        self.outcome.finish[job.index] = now + duration
+        worker.running = True
+        worker.busy += duration
+        heapq.heappush(self.events, (now + duration, order, 1, worker.index))
+        return order + 1
+
+    def _finish(self, worker: LateWorker, now: float, order: int) -> int:
+        job, estimate = worker.waiting.popleft()
+        worker.running = False
+        worker.state.queued_s -= estimate
+        worker.state.free_slots += 1
+        self.free.add(worker.index)
+        self.queued_total -= estimate
+        if job.refset is not None:
+            worker.handed[job.refset] -= 1
+            if not worker.handed[job.refset] and job.refset not in worker.cache.entries:
+                self._release(worker, job.refset)
+        if worker.waiting:
+            order = self._start(worker, now, order)
+        return order
+
+    def _hold(self, worker: LateWorker, refset: str) -> None:
+        if refset not in worker.state.holds:
+            worker.state.holds.add(refset)
+            self.holders[refset] = self.holders.get(refset, 0) + 1
+
+    def _release(self, worker: LateWorker, refset: str) -> None:
+        if refset in worker.state.holds:
+            worker.state.holds.discard(refset)
+            self.holders[refset] -= 1
