@@ -30,10 +30,12 @@ NO_REFS_SHARE = 0.2
 OVERLOAD = 1.1  # arrivals at 1.1x the farm's capacity, so a backlog builds and makespan matters
 
 
-def zipf_trace(exponent: float, jobs: int, workers: int, seed: int, costs: CostModel) -> list[dict[str, Any]]:
-    """Poisson arrivals, reference sets drawn by a Zipf law over a pool of jobs/20 sets."""
+def zipf_trace(
+    exponent: float, jobs: int, workers: int, seed: int, costs: CostModel, refsets: int | None = None
+) -> list[dict[str, Any]]:
+    """Poisson arrivals, reference sets drawn by a Zipf law over a catalogue of ``refsets`` sets."""
     rng = random.Random(seed)
-    pool = max(jobs // 20, 50)
+    pool = refsets or max(jobs // 100, 50)
     weights = [1 / (rank**exponent) for rank in range(1, pool + 1)]
     rows = [
         _job(rng, rng.choices(range(pool), weights)[0] if rng.random() > NO_REFS_SHARE else None, 0.0)
@@ -56,7 +58,7 @@ def bursty_trace(jobs: int, workers: int, seed: int, costs: CostModel) -> list[d
     clock = 0.0
     while len(rows) < jobs:
         size = min(rng.randint(jobs // 20 + 1, jobs // 5 + 2), jobs - len(rows))
-        hot = [f"c{campaign}-hot{index}" for index in range(rng.randint(2, 6))]
+        hot = [f"c{campaign}-hot{index}" for index in range(rng.randint(size // 1000 + 2, size // 200 + 4))]
         hot_weights = [1 / (rank + 1) for rank in range(len(hot))]
         burst = []
         for index in range(size):
@@ -179,6 +181,7 @@ def bench_routing(
     kv_gib: float,
     seed: int,
     write_trace: Path | None = None,
+    refsets: int | None = None,
 ) -> list[dict[str, Any]]:
     costs = CostModel()
     if trace is not None:
@@ -186,7 +189,7 @@ def bench_routing(
     elif bursty:
         rows = bursty_trace(jobs, workers, seed, costs)
     else:
-        rows = zipf_trace(zipf or 1.1, jobs, workers, seed, costs)
+        rows = zipf_trace(zipf or 1.1, jobs, workers, seed, costs, refsets)
     if write_trace is not None:
         write_trace.write_text("".join(json.dumps(row) + "\n" for row in rows))
     results = []

@@ -272,14 +272,15 @@ def bench_routing(
     zipf: Annotated[float | None, typer.Option(help="Zipf exponent of a generated trace")] = None,
     bursty: Annotated[bool, typer.Option(help="A generated trace of whole campaigns arriving in bursts")] = False,
     jobs: Annotated[int, typer.Option(help="Jobs in a generated trace")] = 10_000,
-    kv_gib: Annotated[float, typer.Option(help="Reference K/V budget per worker, GiB")] = 32.0,
+    kv_gib: Annotated[float, typer.Option(help="Reference K/V budget per worker (device + host), GiB")] = 48.0,
+    refsets: Annotated[int | None, typer.Option(help="Reference sets in a Zipf trace (default jobs/100)")] = None,
     seed: int = 1,
     write_trace: Annotated[Path | None, typer.Option(help="Also write the generated trace here")] = None,
 ) -> None:
     """Simulate every routing policy on one trace with the farm's own routing code."""
     from kleinfarm.producer.bench_routing import bench_routing as run_bench
 
-    run_bench(workers, trace, zipf, bursty, jobs, kv_gib, seed, write_trace)
+    run_bench(workers, trace, zipf, bursty, jobs, kv_gib, seed, write_trace, refsets)
 
 
 def main() -> None:

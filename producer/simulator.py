@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kleinfarm.shared.costmodel import CostModel
-from kleinfarm.shared.routing import PendingIndex, PendingJob, WorkerState, choose_route, over_cap
+from kleinfarm.shared.routing import Owners, PendingIndex, PendingJob, WorkerState, choose_route, over_cap
 
 SLOTS = 2
 SGLANG_MATCH_THRESHOLD = 0.3
@@ -205,6 +205,7 @@ class LateBindingSim:
         self.pool = [LateWorker(index, budget) for index in range(workers)]
         self.pending = PendingIndex()
         self.holders: dict[str, int] = {}
+        self.owners = Owners(worker.state.identity for worker in self.pool)
         self.queued_total = 0.0
         self.free = set(range(workers))
         self.events: list[tuple[float, int, int, int]] = []  # (time, order, kind, index)
@@ -237,7 +238,7 @@ class LateBindingSim:
             for worker in sorted(free, key=lambda item: (item.state.queued_s, item.state.worker_id)):
                 if not self.pending or over_cap(worker.state, mean):
                     continue
-                take = choose_route(worker.state, self.pending, self.holders, len(self.pool), fair)
+                take = choose_route(worker.state, self.pending, self.holders, len(self.pool), fair, self.owners)
                 if take is None:
                     continue
                 order = self._hand(worker, self.jobs[int(self.pending.pop(take.route).member)], now, order)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 LOAD_CAP = 1.25
+SPREAD_SLACK = 2.0
 WINDOW_ROUTES = 64  # how far down the pending queue a decision looks, in distinct reference sets
 
 
@@ -108,11 +109,30 @@ def rendezvous(route: str, identity: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{route}|{identity}".encode(), digest_size=8).digest(), "big")
 
 
+class Owners:
+    """Each reference set's workers in rendezvous order, memoized: its first ``k`` are its owners."""
+
+    def __init__(self, identities: Iterable[str]) -> None:
+        self.identities = sorted(identities)
+        self._ranks: dict[str, dict[str, int]] = {}
+
+    def rank(self, route: str, identity: str) -> int:
+        ranks = self._ranks.get(route)
+        if ranks is None:
+            order = sorted(self.identities, key=lambda name: rendezvous(route, name), reverse=True)
+            ranks = self._ranks[route] = {name: index for index, name in enumerate(order)}
+        return ranks.get(identity, len(self.identities))
+
+
 def desired_holders(backlog_s: float, fair_s: float, workers: int) -> int:
-    """How many workers a reference set's backlog should spread over."""
+    """How many workers a reference set's backlog should spread over.
+
+    A set spreads only once its backlog passes ``SPREAD_SLACK`` fair shares: a worker busy with
+    one set while others finish is cheaper than building the set again elsewhere, until then.
+    """
     if fair_s <= 0:
         return 1
-    return max(1, min(workers, math.ceil(backlog_s / fair_s - 1e-9)))
+    return max(1, min(workers, math.ceil(backlog_s / (SPREAD_SLACK * fair_s) - 1e-9)))
 
 
 def fair_share_s(pending: PendingIndex, workers: Iterable[WorkerState]) -> float:
@@ -132,6 +152,7 @@ def choose_route(
     holders: Mapping[str, int],
     workers: int,
     fair_s: float,
+    owners: Owners | None = None,
 ) -> Take | None:
     """Where ``worker`` should take its next job from; None when it should wait.
 
@@ -144,15 +165,19 @@ def choose_route(
     if held:
         return Take(max(held, key=lambda route: pending.backlog_s[route]))
     window = [route for route in pending.window() if pending.head_priority(route) == top]
-    under_held = [
-        route
+    wanted = {
+        route: desired
         for route in window
-        if route is not None and holders.get(route, 0) < desired_holders(pending.backlog_s[route], fair_s, workers)
-    ]
-    if under_held:
-        return Take(max(under_held, key=lambda route: rendezvous(route, worker.identity)))
+        if route is not None
+        and holders.get(route, 0) < (desired := desired_holders(pending.backlog_s[route], fair_s, workers))
+    }
+    owned = [route for route in wanted if owners is None or owners.rank(route, worker.identity) < wanted[route]]
+    if owned:
+        return Take(owned[0])
     if None in window:
         return Take(None)
+    if wanted:
+        return Take(next(iter(wanted)))
     return _worth_stealing(window, pending, holders)
 
 
@@ -179,6 +204,7 @@ def assign_round(
     ``workers`` and ``holders`` are updated as decisions are made, so one round stays consistent.
     """
     decisions: list[tuple[WorkerState, PendingJob]] = []
+    owners = Owners(worker.identity for worker in workers)
     progress = True
     while progress and pending:
         progress = False
@@ -187,7 +213,7 @@ def assign_round(
         for worker in sorted(workers, key=lambda state: (state.queued_s, state.worker_id)):
             if worker.free_slots <= 0 or over_cap(worker, mean_queued) or not pending:
                 continue
-            take = choose_route(worker, pending, holders, len(workers), fair_s)
+            take = choose_route(worker, pending, holders, len(workers), fair_s, owners)
             if take is None:
                 continue
             route = take.route

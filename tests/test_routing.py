@@ -6,6 +6,7 @@ from kleinfarm.producer.bench_routing import bursty_trace, lower_bound, zipf_tra
 from kleinfarm.producer.simulator import LateBindingSim, round_robin, simulate_push, trace_jobs
 from kleinfarm.shared.costmodel import CostModel
 from kleinfarm.shared.routing import (
+    Owners,
     PendingIndex,
     PendingJob,
     Take,
@@ -41,10 +42,22 @@ def test_a_worker_waits_rather_than_rebuild_a_set_its_holder_clears_soon() -> No
     assert choose_route(worker("w"), pending, {"a": 1}, 2, 10.0) is None
 
 
-def test_a_hot_set_spreads_over_as_many_workers_as_its_backlog_needs() -> None:
-    assert desired_holders(backlog_s=100, fair_s=30, workers=8) == 4
-    assert desired_holders(backlog_s=100, fair_s=30, workers=2) == 2
+def test_a_hot_set_spreads_once_its_backlog_passes_two_fair_shares() -> None:
+    assert desired_holders(backlog_s=60, fair_s=30, workers=8) == 1
+    assert desired_holders(backlog_s=100, fair_s=30, workers=8) == 2
+    assert desired_holders(backlog_s=300, fair_s=30, workers=8) == 5
+    assert desired_holders(backlog_s=300, fair_s=30, workers=2) == 2
     assert desired_holders(backlog_s=1, fair_s=30, workers=8) == 1
+
+
+def test_a_reference_set_is_built_by_its_rendezvous_owner_first() -> None:
+    owners = Owners(["w0", "w1", "w2", "w3"])
+    pending = PendingIndex([job("1", "x"), job("2", "y")])
+    first = {route: min(["w0", "w1", "w2", "w3"], key=lambda name: owners.rank(route, name)) for route in "xy"}
+    for name in ("w0", "w1", "w2", "w3"):
+        take = choose_route(worker(name), pending, {}, 4, 100.0, owners)
+        owned = [route for route, owner in first.items() if owner == name]
+        assert take == (Take(owned[0]) if owned else Take("x"))
 
 
 def test_a_burst_before_any_cache_exists_already_groups_by_reference_set() -> None:
