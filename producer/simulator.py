@@ -3,7 +3,7 @@
 Push policies (round-robin, least-loaded, SGLang-style cache-aware, bounded-load consistent
 hashing) place a job on a worker's queue when it arrives; the worker runs its queue in order.
 Ours binds late: jobs wait in one pending index and a worker with a free slot (two: one running,
-one waiting) takes the job ``kleinfarm.shared.routing.choose_route`` gives it. Every worker keeps
+one waiting) takes what ``kleinfarm.shared.routing.assign_round`` hands it. Every worker keeps
 reference K/V in an LRU cache with a byte budget; a job whose set is not held pays the build.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kleinfarm.shared.costmodel import CostModel
-from kleinfarm.shared.routing import Owners, PendingIndex, PendingJob, WorkerState, choose_route, over_cap
+from kleinfarm.shared.routing import Owners, PendingIndex, PendingJob, WorkerState, assign_round
 
 SLOTS = 2
 SGLANG_MATCH_THRESHOLD = 0.3
@@ -206,6 +206,7 @@ class LateBindingSim:
         self.pending = PendingIndex()
         self.holders: dict[str, int] = {}
         self.owners = Owners(worker.state.identity for worker in self.pool)
+        self.by_id = {worker.state.worker_id: worker for worker in self.pool}
         self.queued_total = 0.0
         self.free = set(range(workers))
         self.events: list[tuple[float, int, int, int]] = []  # (time, order, kind, index)
@@ -227,31 +228,26 @@ class LateBindingSim:
         return self.outcome
 
     def _dispatch(self, now: float, order: int) -> int:
-        progress = True
-        while progress and self.pending:
-            progress = False
-            free = [self.pool[index] for index in self.free]
-            if not free:
-                break
-            mean = self.queued_total / len(self.pool)
-            fair = (self.pending.total_s + self.queued_total) / len(self.pool)
-            for worker in sorted(free, key=lambda item: (item.state.queued_s, item.state.worker_id)):
-                if not self.pending or over_cap(worker.state, mean):
-                    continue
-                take = choose_route(worker.state, self.pending, self.holders, len(self.pool), fair, self.owners)
-                if take is None:
-                    continue
-                order = self._hand(worker, self.jobs[int(self.pending.pop(take.route).member)], now, order)
-                progress = True
+        """The farm's dispatch round, over the workers with a free slot."""
+        if not self.pending or not self.free:
+            return order
+        decisions = assign_round(
+            self.pending,
+            [self.pool[index].state for index in self.free],
+            self.holders,
+            farm_size=len(self.pool),
+            farm_queued_s=self.queued_total,
+            owners=self.owners,
+        )
+        for decision in decisions:
+            worker = self.by_id[decision.worker.worker_id]
+            order = self._hand(worker, self.jobs[int(decision.job.member)], decision.cost_s, now, order)
         return order
 
-    def _hand(self, worker: LateWorker, job: TraceJob, now: float, order: int) -> int:
-        estimate = job.work_s + (0.0 if job.refset is None or job.refset in worker.state.holds else job.build_s)
+    def _hand(self, worker: LateWorker, job: TraceJob, estimate: float, now: float, order: int) -> int:
+        """``assign_round`` counted the job against the worker; queue it there and start it if idle."""
         if job.refset is not None:
             worker.handed[job.refset] = worker.handed.get(job.refset, 0) + 1
-            self._hold(worker, job.refset)
-        worker.state.queued_s += estimate
-        worker.state.free_slots -= 1
         if not worker.state.free_slots:
             self.free.discard(worker.index)
         self.queued_total += estimate
@@ -288,11 +284,6 @@ class LateBindingSim:
         if worker.waiting:
             order = self._start(worker, now, order)
         return order
-
-    def _hold(self, worker: LateWorker, refset: str) -> None:
-        if refset not in worker.state.holds:
-            worker.state.holds.add(refset)
-            self.holders[refset] = self.holders.get(refset, 0) + 1
 
     def _release(self, worker: LateWorker, refset: str) -> None:
         if refset in worker.state.holds:

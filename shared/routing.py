@@ -135,12 +135,6 @@ def desired_holders(backlog_s: float, fair_s: float, workers: int) -> int:
     return max(1, min(workers, math.ceil(backlog_s / (SPREAD_SLACK * fair_s) - 1e-9)))
 
 
-def fair_share_s(pending: PendingIndex, workers: Iterable[WorkerState]) -> float:
-    """Seconds of work per worker if everything pending and queued were spread evenly."""
-    states = list(workers)
-    return (pending.total_s + sum(worker.queued_s for worker in states)) / max(len(states), 1)
-
-
 def over_cap(worker: WorkerState, mean_queued_s: float, cap: float = LOAD_CAP) -> bool:
     """Bounded load: a worker with work queued beyond ``cap`` x the mean waits its turn."""
     return worker.queued_s > 0 and worker.queued_s > cap * mean_queued_s
@@ -194,36 +188,56 @@ def _worth_stealing(window: list[str | None], pending: PendingIndex, holders: Ma
     return Take(best[1]) if best else None
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One job handed to one worker, with the seconds of work it was counted as."""
+
+    worker: WorkerState
+    job: PendingJob
+    cost_s: float
+
+
 def assign_round(
     pending: PendingIndex,
     workers: list[WorkerState],
     holders: dict[str, int],
-) -> list[tuple[WorkerState, PendingJob]]:
-    """Hand jobs to every worker with a free slot, least loaded first; return the decisions.
+    *,
+    farm_size: int | None = None,
+    farm_queued_s: float | None = None,
+    owners: Owners | None = None,
+) -> list[Decision]:
+    """Hand jobs to the ``workers`` with a free slot, least loaded first; return the decisions.
 
-    ``workers`` and ``holders`` are updated as decisions are made, so one round stays consistent.
+    ``workers`` may be only the free ones; ``farm_size`` and ``farm_queued_s`` then describe the
+    whole farm (by default, these workers). The states and ``holders`` are updated as decisions
+    are made, so one round stays consistent.
     """
-    decisions: list[tuple[WorkerState, PendingJob]] = []
-    owners = Owners(worker.identity for worker in workers)
+    size = farm_size or len(workers)
+    queued = sum(worker.queued_s for worker in workers) if farm_queued_s is None else farm_queued_s
+    owners = owners or Owners(worker.identity for worker in workers)
+    decisions: list[Decision] = []
     progress = True
     while progress and pending:
         progress = False
-        mean_queued = sum(worker.queued_s for worker in workers) / max(len(workers), 1)
-        fair_s = fair_share_s(pending, workers)
+        mean_queued, fair_s = queued / max(size, 1), (pending.total_s + queued) / max(size, 1)
         for worker in sorted(workers, key=lambda state: (state.queued_s, state.worker_id)):
             if worker.free_slots <= 0 or over_cap(worker, mean_queued) or not pending:
                 continue
-            take = choose_route(worker, pending, holders, len(workers), fair_s, owners)
+            take = choose_route(worker, pending, holders, size, fair_s, owners)
             if take is None:
                 continue
-            route = take.route
-            job = pending.pop(route)
-            cost = job.work_s + (0.0 if route is None or route in worker.holds else job.build_s)
-            if route is not None and route not in worker.holds:
-                worker.holds.add(route)
-                holders[route] = holders.get(route, 0) + 1
-            worker.queued_s += cost
-            worker.free_slots -= 1
-            decisions.append((worker, job))
+            decisions.append(_commit(worker, pending.pop(take.route), holders))
+            queued += decisions[-1].cost_s
             progress = True
     return decisions
+
+
+def _commit(worker: WorkerState, job: PendingJob, holders: dict[str, int]) -> Decision:
+    """Count the job against the worker: its seconds, its slot, and the set it will now hold."""
+    cost = job.work_s + (0.0 if job.route is None or job.route in worker.holds else job.build_s)
+    if job.route is not None and job.route not in worker.holds:
+        worker.holds.add(job.route)
+        holders[job.route] = holders.get(job.route, 0) + 1
+    worker.queued_s += cost
+    worker.free_slots -= 1
+    return Decision(worker, job, cost)

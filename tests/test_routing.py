@@ -67,8 +67,8 @@ def test_a_burst_before_any_cache_exists_already_groups_by_reference_set() -> No
     holders: dict[str, int] = {}
     handed: dict[str, set[str]] = {}
     while pending:
-        for state, taken in assign_round(pending, workers, holders):
-            handed.setdefault(str(taken.route), set()).add(state.worker_id)
+        for decision in assign_round(pending, workers, holders):
+            handed.setdefault(str(decision.job.route), set()).add(decision.worker.worker_id)
         for state in workers:  # every worker finishes what it held; its cache keeps the sets
             state.free_slots, state.queued_s = 2, 0.0
     assert all(len(names) == 1 for route, names in handed.items() if route != "hot")
@@ -81,7 +81,7 @@ def test_a_worker_over_the_load_cap_takes_nothing_until_the_others_catch_up() ->
     pending = PendingIndex([job("1", None), job("2", None)])
     busy, idle = worker("busy", queued=10.0, slots=1), worker("idle", queued=0.0, slots=2)
     decisions = assign_round(pending, [busy, idle], {})
-    assert [state.worker_id for state, _ in decisions] == ["idle", "idle"]
+    assert [decision.worker.worker_id for decision in decisions] == ["idle", "idle"]
 
 
 def test_higher_priority_jobs_go_first_whatever_a_worker_holds() -> None:

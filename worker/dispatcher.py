@@ -104,12 +104,12 @@ class Dispatcher:
             for route in state.holds:
                 holders[route] = holders.get(route, 0) + 1
         dispatched = 0
-        for state, job in assign_round(pending, states, holders):
-            view = views[state.worker_id]
-            estimate = job.work_s + (job.build_s if job.route and job.route not in view.routes else 0.0)
-            attempt = self.state.assign(job.member, view.worker_id, assigned_key(view.worker_id), estimate)
+        for decision in assign_round(pending, states, holders):
+            view = views[decision.worker.worker_id]
+            member = decision.job.member
+            attempt = self.state.assign(member, view.worker_id, assigned_key(view.worker_id), decision.cost_s)
             if attempt:
-                self.publish(job.member, attempt, view)
+                self.publish(member, attempt, view)
                 dispatched += 1
         return dispatched
 
