@@ -165,6 +165,21 @@ def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
 
 
 @app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Port of Flower's web UI and API")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    env_file: EnvFile = None,
+) -> None:
+    """Start Flower on the farm, behind basic auth from KLEINFARM_FLOWER_BASIC_AUTH=user:password."""
+    from kleinfarm.worker.monitor import run_flower
+
+    try:
+        run_flower(port, address, env_file or _default_env_file())
+    except KleinfarmError as error:
+        _fail(error)
+
+
+@app.command()
 def worker(
     gpu: Annotated[int | None, typer.Option(help="CUDA device index to pin (default: CPU)")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id or local folder (default: KLEINFARM_MODEL)")] = None,

@@ -55,5 +55,9 @@ class JobCancelledError(KleinfarmError):
     """The job's campaign was cancelled while it waited or rendered."""
 
 
+class JobFailedError(KleinfarmError):
+    """A job ended failed; raised by its Celery task so monitors see the failure."""
+
+
 class FarmTimeoutError(KleinfarmError):
     """Waiting for a campaign took longer than the caller allowed."""

@@ -39,6 +39,9 @@ class FarmSettings(BaseSettings):
     reference_max_bytes: int = 50 * 1024 * 1024
     reference_max_pixels: int = 40_000_000
 
+    # "user:password" for Flower's basic auth; Flower refuses to start without it.
+    flower_basic_auth: SecretStr | None = None
+
     heartbeat_s: float = 2.0
     worker_lapse_s: float = 10.0
     # Longer than the longest job, or kombu redelivers a running task (celery #5306, #5935).

@@ -6,6 +6,8 @@ from typing import Any
 
 from celery import Celery, Task
 
+from kleinfarm.shared.errors import JobFailedError
+from kleinfarm.shared.jobs import JobState
 from kleinfarm.worker import context
 from kleinfarm.worker.celery_app import EDIT_TASK, GENERATE_TASK
 from kleinfarm.worker.jobrunner import run_job
@@ -15,7 +17,12 @@ def register_tasks(app: Celery) -> None:
     """Register ``kleinfarm.generate`` and ``kleinfarm.edit`` on ``app``; both run one farm job."""
 
     def render(task: Task, job: str, attempt: int, **shown: Any) -> str:
-        return run_job(context.current(), job, attempt, task.send_event)
+        ctx = context.current()
+        final = run_job(ctx, job, attempt, task.send_event)
+        if final == JobState.FAILED:
+            # Recorded already; raising makes the task FAILURE in Flower, with the job's message.
+            raise JobFailedError(ctx.state.job(job).get("error") or "failed")
+        return final
 
     for name in (GENERATE_TASK, EDIT_TASK):
         app.task(name=name, bind=True, acks_late=True, ignore_result=True)(render)
