@@ -165,6 +165,43 @@ def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
 
 
 @app.command()
+def pause(campaign_id: str, env_file: EnvFile = None) -> None:
+    """Hold a campaign's queued jobs; running jobs finish."""
+    try:
+        held = _client(env_file).campaign(campaign_id).pause()
+    except KleinfarmError as error:
+        _fail(error)
+    console.print(f"paused {campaign_id}: {held} queued job(s) held")
+
+
+@app.command()
+def resume(campaign_id: str, env_file: EnvFile = None) -> None:
+    """Give a paused campaign's held jobs back to the farm."""
+    try:
+        released = _client(env_file).campaign(campaign_id).resume()
+    except KleinfarmError as error:
+        _fail(error)
+    console.print(f"resumed {campaign_id}: {released} job(s) queued again")
+
+
+@app.command()
+def retry(
+    campaign_id: str,
+    failed: Annotated[bool, typer.Option("--failed", help="Requeue the failed jobs (the only mode)")] = False,
+    env_file: EnvFile = None,
+) -> None:
+    """Requeue a campaign's failed jobs."""
+    if not failed:
+        console.print("say what to retry: --failed")
+        raise typer.Exit(2)
+    try:
+        retried = _client(env_file).campaign(campaign_id).retry_failed()
+    except KleinfarmError as error:
+        _fail(error)
+    console.print(f"{campaign_id}: {retried} failed job(s) requeued")
+
+
+@app.command()
 def flower(
     port: Annotated[int, typer.Option(help="Port of Flower's web UI and API")] = 5555,
     address: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",

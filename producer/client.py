@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.costmodel import MAX_REF_SIDE, CostModel
 from kleinfarm.shared.errors import FarmTimeoutError, JobSpecError
 from kleinfarm.shared.jobs import Campaign, EditJob, GenerateJob
@@ -122,6 +123,17 @@ class CampaignHandle:
             write_manifest(self.client.state, self.client.storage, self.id)
         return dropped
 
+    def pause(self) -> int:
+        """Hold the queued jobs (running ones finish); return how many were held."""
+        return CampaignControl(self.client.state).pause(self.id)
+
+    def resume(self) -> int:
+        return CampaignControl(self.client.state).resume(self.id)
+
+    def retry_failed(self) -> int:
+        """Requeue the failed jobs only; return how many."""
+        return CampaignControl(self.client.state).retry_failed(self.id)
+
     def download(self, folder: Path) -> list[Path]:
         """Copy every finished image into ``folder``; return the files written."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,6 +169,8 @@ class FarmClient:
         jobs = prepare_jobs(campaign)
         campaign_id = new_campaign_id(campaign.name)
         meta = {"name": campaign.name, "output_prefix": campaign.output_prefix or self.settings.output_prefix}
+        if campaign.error_limit is not None:
+            meta["error_limit"] = str(campaign.error_limit)
         self.state.create_campaign(campaign_id, meta, campaign.priority, jobs)
         return CampaignHandle(self, campaign_id)
 

@@ -133,6 +133,7 @@ class Campaign(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     output_prefix: str | None = None
     priority: int = 0
+    error_limit: Annotated[int, Field(ge=0)] | None = None  # failed jobs allowed before the campaign fails
     jobs: Annotated[list[Job], Field(min_length=1)]
 
     @classmethod

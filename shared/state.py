@@ -51,7 +51,7 @@ def campaign_of(member: str) -> str:
     return member.split("/", 1)[0]
 
 
-def _load_script(client: redis.Redis, name: str) -> Any:
+def load_script(client: redis.Redis, name: str) -> Any:
     source = resources.files("kleinfarm.shared").joinpath("lua", name).read_text()
     return client.register_script(source)
 
@@ -83,6 +83,8 @@ class CampaignStatus:
     cancelled: int
     cancel_requested: bool = False
     manifest_key: str | None = None
+    paused: bool = False
+    failed_reason: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -95,7 +97,8 @@ class CampaignStatus:
         return self.finished and self.manifest_key is not None
 
     def as_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in ("campaign_id", "name", *COUNTS_ORDER)}
+        keys = ("campaign_id", "name", *COUNTS_ORDER, "paused", "failed_reason")
+        return {key: getattr(self, key) for key in keys}
 
 
 COUNTS_ORDER = ("total", "pending", "running", "succeeded", "failed", "cancelled")
@@ -134,8 +137,8 @@ class FarmState:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._transition = _load_script(client, "transition.lua")
-        self._assign = _load_script(client, "assign.lua")
+        self._transition = load_script(client, "transition.lua")
+        self._assign = load_script(client, "assign.lua")
 
     @classmethod
     def from_url(cls, url: str) -> FarmState:
@@ -183,6 +186,8 @@ class FarmState:
             total=int(meta["total"]),
             cancel_requested=meta.get("cancel_requested") == "1",
             manifest_key=meta.get("manifest_key"),
+            paused=meta.get("paused") == "1",
+            failed_reason=meta.get("failed_reason") or None,
             **counts,
         )
 
@@ -198,15 +203,15 @@ class FarmState:
                 pipe.hgetall(job_key(job_member(campaign_id, job_id)))
             yield from pipe.execute()
 
-    def request_cancel(self, campaign_id: str) -> int:
+    def request_cancel(self, campaign_id: str, reason: str = "campaign cancelled") -> int:
         """Mark the campaign cancelled and cancel its jobs still pending; return how many."""
         self.campaign_meta(campaign_id)
         self.redis.hset(campaign_key(campaign_id), "cancel_requested", 1)
         members = [job_member(campaign_id, job_id) for job_id in self.job_ids(campaign_id)]
-        outcomes = self.transition_many(
-            members, JobState.CANCELLED, [JobState.PENDING], {"error": "campaign cancelled"}
-        )
-        self.redis.zrem(PENDING, *members) if members else None
+        outcomes = self.transition_many(members, JobState.CANCELLED, [JobState.PENDING], {"error": reason})
+        if members:
+            self.redis.zrem(PENDING, *members)
+            self.redis.zrem(campaign_key(campaign_id) + ":held", *members)
         return sum(outcome.changed for outcome in outcomes)
 
     def last_transition_age(self, campaign_id: str) -> float | None:
@@ -217,8 +222,13 @@ class FarmState:
         seconds, micros = self.redis.time()  # type: ignore[misc]
         return float(seconds) + float(micros) / 1e6 - float(str(changed_at))
 
-    def cancel_requested(self, campaign_id: str) -> bool:
-        return self.redis.hget(campaign_key(campaign_id), "cancel_requested") == "1"
+    def cancel_reason(self, campaign_id: str) -> str | None:
+        """Why the campaign's jobs must stop, or None while they may run."""
+        fields: list[str | None] = self.redis.hmget(campaign_key(campaign_id), ["cancel_requested", "failed_reason"])  # type: ignore[assignment]
+        requested, failed = fields
+        if requested != "1":
+            return None
+        return f"campaign failed: {failed}" if failed else "campaign cancelled"
 
     # -- jobs ------------------------------------------------------------------------------------
 

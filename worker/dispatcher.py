@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 from redis.exceptions import LockError, RedisError
 
+from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.jobs import JobState
 from kleinfarm.shared.registry import Registry, WorkerView, assigned_key
 from kleinfarm.shared.routing import PendingIndex, PendingJob, WorkerState, assign_round
@@ -36,6 +37,7 @@ class Dispatcher:
         self.registry = registry
         self.tick_s = tick_s
         self.stopping = threading.Event()
+        self.control = CampaignControl(state)
         self._lock = state.redis.lock(LOCK, timeout=max(3 * tick_s, 5.0))
         self._leading = False
 
@@ -92,21 +94,25 @@ class Dispatcher:
         members: list[str] = self.state.redis.zrange(PENDING, 0, WINDOW_JOBS - 1)  # type: ignore[assignment]
         if not members:
             return 0
-        pending = PendingIndex(
+        pending_jobs = [
             PendingJob(member, info.route, info.work_s, info.build_s, info.priority)
             if info
             else PendingJob(member, None, 1.0, 0.0)  # no routing record: route it like a generate job
             for member, info in zip(members, self.state.routing(members), strict=True)
-        )
+        ]
+        pending = PendingIndex(pending_jobs)
         states = [self._worker_state(view) for view in views.values()]
         holders: dict[str, int] = {}
         for state in states:
             for route in state.holds:
                 holders[route] = holders.get(route, 0) + 1
+        blocked = self.control.blocked({campaign_of(job.member) for job in pending_jobs})
         dispatched = 0
         for decision in assign_round(pending, states, holders):
             view = views[decision.worker.worker_id]
             member = decision.job.member
+            if view.identity in blocked.get(campaign_of(member), set()):
+                continue  # kept off this campaign: the job stays pending for another worker
             attempt = self.state.assign(member, view.worker_id, assigned_key(view.worker_id), decision.cost_s)
             if attempt:
                 self.publish(member, attempt, view)

@@ -12,6 +12,7 @@ from typing import Any
 from PIL import PngImagePlugin
 from pydantic import TypeAdapter
 
+from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.errors import JobCancelledError, KleinfarmError
 from kleinfarm.shared.jobs import EditJob, GenerateJob, Job, JobState
 from kleinfarm.shared.manifest import output_key, write_manifest
@@ -41,26 +42,29 @@ def run_job(context: WorkerContext, member: str, attempt: int, send_event: Event
         log.info("skipping %s attempt %s: it is %s", member, attempt, claim.previous or "unknown")
         return claim.previous
     try:
-        return _finish(context, member, attempt, *_execute(context, member, send_event))
+        final, fields, worker_fault = _execute(context, member, send_event)
+        return _finish(context, member, attempt, final, fields, worker_fault)
     finally:
         context.registry.release(worker, member)
 
 
-def _execute(context: WorkerContext, member: str, send_event: EventSender) -> tuple[JobState, dict[str, str]]:
+def _execute(context: WorkerContext, member: str, send_event: EventSender) -> tuple[JobState, dict[str, str], bool]:
+    """Run the job; return its final state, the fields to record, and whether the worker is at fault."""
     campaign_id = campaign_of(member)
     try:
-        if context.state.cancel_requested(campaign_id):
-            raise JobCancelledError("campaign cancelled")
+        if reason := context.state.cancel_reason(campaign_id):
+            raise JobCancelledError(reason)
         record = context.state.job(member)
         job = JOB_ADAPTER.validate_json(record["spec"])
-        return JobState.SUCCEEDED, _render_and_store(context, member, job, record.get("route"), send_event)
+        fields = _render_and_store(context, member, job, record.get("route"), send_event)
+        return JobState.SUCCEEDED, fields, False
     except JobCancelledError as error:
-        return JobState.CANCELLED, {"error": str(error)}
+        return JobState.CANCELLED, {"error": str(error)}, False
     except KleinfarmError as error:
-        return JobState.FAILED, {"error": str(error)}
-    except Exception as error:
+        return JobState.FAILED, {"error": str(error)}, False
+    except Exception as error:  # one bad job must not take the worker down; the worker may be at fault
         log.exception("job %s failed unexpectedly", member)
-        return JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}
+        return JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}, True
 
 
 def _render_and_store(
@@ -74,8 +78,8 @@ def _render_and_store(
     def on_step(done: int, total: int) -> None:
         context.state.set_progress(member, done, total)
         send_event("task-progress", job=member, step=done, total=total)
-        if done < total and context.state.cancel_requested(campaign_id):
-            raise JobCancelledError(f"campaign cancelled at step {done} of {total}")
+        if done < total and (reason := context.state.cancel_reason(campaign_id)):
+            raise JobCancelledError(f"{reason} (stopped at step {done} of {total})")
 
     result = context.engine.render(job, [(ref.digest, ref.image) for ref in references], on_step)
     fields = {"refset": result.refset, "kv": result.kv} if result.refset else {}
@@ -127,7 +131,9 @@ def _png(
     return buffer.getvalue(), "image/png", ascii_meta
 
 
-def _finish(context: WorkerContext, member: str, attempt: int, final: JobState, fields: dict[str, str]) -> str:
+def _finish(
+    context: WorkerContext, member: str, attempt: int, final: JobState, fields: dict[str, str], worker_fault: bool
+) -> str:
     fields["finished"] = str(time.time())
     outcome = context.state.transition(
         member, final, HELD, if_attempt=str(attempt), if_worker=context.worker_id, fields=fields
@@ -136,6 +142,11 @@ def _finish(context: WorkerContext, member: str, attempt: int, final: JobState, 
         log.warning("%s was taken from this worker while it ran (now %s)", member, outcome.previous)
         return outcome.previous
     context.counters[str(final)] = context.counters.get(str(final), 0) + 1
+    if final == JobState.FAILED:
+        control = CampaignControl(context.state)
+        if worker_fault and control.record_worker_failure(campaign_of(member), context.identity):
+            log.warning("%s keeps failing campaign %s: kept off it", context.identity, campaign_of(member))
+        control.fail_if_over_limit(campaign_of(member))
     if outcome.closed_campaign:
         write_manifest(context.state, context.storage, campaign_of(member))
     log.info("%s %s%s", member, final, f": {fields['error']}" if "error" in fields else "")

@@ -33,7 +33,10 @@ if bucket(current) ~= bucket(target) then
   redis.call('HINCRBY', campaign, 'n_' .. bucket(target), 1)
 end
 if cond['enqueue'] then
-  redis.call('ZADD', KEYS[3], redis.call('HGET', job, 'score'), cond['enqueue'])
+  -- A paused campaign's jobs wait in its own held set, out of the dispatcher's sight.
+  local queue = KEYS[3]
+  if redis.call('HGET', campaign, 'paused') == '1' then queue = campaign .. ':held' end
+  redis.call('ZADD', queue, redis.call('HGET', job, 'score'), cond['enqueue'])
 end
 redis.call('PUBLISH', campaign .. ':events', target)
 local open = -1
