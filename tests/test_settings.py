@@ -27,3 +27,22 @@ def test_the_environment_overrides_the_env_file(monkeypatch: pytest.MonkeyPatch)
 def test_secrets_do_not_show_in_the_settings_repr() -> None:
     settings = FarmSettings.from_env(EXAMPLE)
     assert "change-me" not in repr(settings)
+
+
+def test_every_deploy_file_parses_and_names_only_real_settings() -> None:
+    import re
+
+    import yaml
+
+    deploy = EXAMPLE.parent
+    fields = {f"KLEINFARM_{name.upper()}" for name in FarmSettings.model_fields}
+    named: set[str] = set()
+    for path in [deploy / "docker-compose.yml", *sorted((deploy / "k8s").glob("*.yaml"))]:
+        documents = list(yaml.safe_load_all(path.read_text()))
+        assert documents and all(isinstance(document, dict) for document in documents), path
+        named |= set(re.findall(r"KLEINFARM_[A-Z0-9_]+", path.read_text()))
+    for dockerfile in deploy.glob("Dockerfile.*"):
+        text = dockerfile.read_text()
+        assert text.startswith("#") and "FROM " in text and "ENTRYPOINT" in text
+        named |= set(re.findall(r"KLEINFARM_[A-Z0-9_]+", text))
+    assert named and not named - fields
