@@ -42,6 +42,8 @@ class FarmSettings(BaseSettings):
     # "user:password" for Flower's basic auth; Flower refuses to start without it.
     flower_basic_auth: SecretStr | None = None
 
+    metrics_port: int | None = Field(default=None, description="worker's Prometheus port; 0 picks a free one")
+
     heartbeat_s: float = 2.0
     worker_lapse_s: float = 10.0
     # Longer than the longest job, or kombu redelivers a running task (celery #5306, #5935).

@@ -57,6 +57,7 @@ def farm_env(
         "KLEINFARM_HEARTBEAT_S": "0.5",
         "KLEINFARM_WORKER_LAPSE_S": "3",
         "KLEINFARM_REFERENCE_MAX_PIXELS": str(TEST_PIXEL_LIMIT),
+        "KLEINFARM_METRICS_PORT": "0",
     }
     Storage.from_settings(settings_from(env)).ensure_bucket()
     return env

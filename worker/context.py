@@ -15,6 +15,7 @@ from kleinfarm.shared.storage import Storage
 
 if TYPE_CHECKING:
     from kleinfarm.worker.engine import RenderEngine
+    from kleinfarm.worker.metrics import WorkerMetrics
     from kleinfarm.worker.references import ReferenceFetcher
 
 
@@ -40,6 +41,8 @@ class WorkerContext:
     worker_id: str
     identity: str
     counters: dict[str, int] = field(default_factory=lambda: {"succeeded": 0, "failed": 0, "cancelled": 0})
+    metrics: WorkerMetrics | None = None
+    metrics_port: int | None = None
     # Routing key -> the content key its references were cached under.
     routes: dict[str, str] = field(default_factory=dict)
 

@@ -131,6 +131,15 @@ def _png(
     return buffer.getvalue(), "image/png", ascii_meta
 
 
+def _observe(context: WorkerContext, member: str, final: JobState, fields: dict[str, str]) -> None:
+    assert context.metrics is not None
+    timings = json.loads(fields.get("timings", "{}"))
+    record = context.state.job(member)
+    created = context.state.campaign_meta(campaign_of(member)).get("created")
+    wait = float(record["started"]) - float(created) if record.get("started") and created else None
+    context.metrics.job_ended(str(final), timings.get("total_s"), wait)
+
+
 def _finish(
     context: WorkerContext, member: str, attempt: int, final: JobState, fields: dict[str, str], worker_fault: bool
 ) -> str:
@@ -142,6 +151,8 @@ def _finish(
         log.warning("%s was taken from this worker while it ran (now %s)", member, outcome.previous)
         return outcome.previous
     context.counters[str(final)] = context.counters.get(str(final), 0) + 1
+    if context.metrics is not None:
+        _observe(context, member, final, fields)
     if final == JobState.FAILED:
         control = CampaignControl(context.state)
         if worker_fault and control.record_worker_failure(campaign_of(member), context.identity):

@@ -46,6 +46,12 @@ def run_worker(
     )
     ctx = WorkerContext.build(settings, engine, settings.worker_name or default_identity(settings.gpu))
     context.install(ctx)
+    if settings.metrics_port is not None:
+        from kleinfarm.worker.metrics import WorkerMetrics
+
+        ctx.metrics = WorkerMetrics(ctx.engine.report)
+        ctx.metrics_port = ctx.metrics.serve(settings.metrics_port)
+        log.info("metrics on port %d", ctx.metrics_port)
     app = make_celery(settings)
     register_tasks(app)
     dispatcher = Dispatcher(app, ctx.state, ctx.registry, settings.heartbeat_s)
@@ -105,6 +111,7 @@ def _worker_info(ctx: WorkerContext) -> dict[str, object]:
     return {
         "queue": ctx.queue,
         "identity": ctx.identity,
+        "metrics_port": "" if ctx.metrics_port is None else str(ctx.metrics_port),
         "routes": ctx.held_routes(),
         "gpu": "" if ctx.settings.gpu is None else str(ctx.settings.gpu),
         "device": str(ctx.engine.device),

@@ -1,0 +1,63 @@
+"""Prometheus metrics of one worker: jobs by state, render and queue-wait seconds, its caches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class CacheCollector(Collector):
+    """Reads the engine's cache report at scrape time, so the figures are never stale."""
+
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+        self.report = report
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        kv = self.report()["kv"]
+        stats = kv["stats"]
+        events = GaugeMetricFamily("kleinfarm_kv_cache_events", "Reference K/V cache events", labels=["event"])
+        for event in ("hits_device", "hits_host", "misses", "demotions", "evictions"):
+            events.add_metric([event], float(stats.get(event, 0)))
+        yield events
+        held = GaugeMetricFamily("kleinfarm_kv_cache_bytes", "Bytes of reference K/V held", labels=["tier"])
+        budget = GaugeMetricFamily("kleinfarm_kv_cache_budget_bytes", "Byte budget of each tier", labels=["tier"])
+        for tier in ("device", "host"):
+            held.add_metric([tier], float(sum(kv[tier]["keys"].values())))
+            budget.add_metric([tier], float(kv[tier]["budget"]))
+        yield held
+        yield budget
+
+
+class WorkerMetrics:
+    """The worker's own registry, served on ``port`` (0 picks a free one)."""
+
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs = Counter("kleinfarm_jobs", "Jobs this worker ended, by state", ["state"], registry=self.registry)
+        self.render_seconds = Histogram(
+            "kleinfarm_render_seconds", "Seconds rendering a job", buckets=SECONDS_BUCKETS, registry=self.registry
+        )
+        self.queue_wait_seconds = Histogram(
+            "kleinfarm_queue_wait_seconds",
+            "Seconds from submission to the start of rendering",
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(CacheCollector(report))
+
+    def serve(self, port: int) -> int:
+        server, _thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)  # noqa: S104
+        return int(server.server_port)
+
+    def job_ended(self, state: str, render_s: float | None, wait_s: float | None) -> None:
+        self.jobs.labels(state=state).inc()
+        if render_s is not None:
+            self.render_seconds.observe(render_s)
+        if wait_s is not None:
+            self.queue_wait_seconds.observe(wait_s)
