@@ -8,10 +8,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The tested torch release; pinned first so pip never pulls an unpinned CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup system demo test lint bench-submit clean
+.PHONY: setup system system-test demo test lint bench-submit clean
 
 system:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+
+# The report test renders its page in headless Chromium.
+system-test: system
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +28,7 @@ setup: system $(BIN)/python
 demo: setup
 	$(BIN)/kleinfarm local --demo --workers 2
 
-test: setup
+test: system-test setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy shared producer worker
 	$(BIN)/python -m pytest -q

@@ -165,6 +165,29 @@ def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
 
 
 @app.command()
+def report(
+    campaign_id: str,
+    out: Annotated[Path | None, typer.Option(help="Also write the page here (default: report-<id>.html)")] = None,
+    open_page: Annotated[bool, typer.Option("--open/--no-open", help="Open it in a browser")] = False,
+    env_file: EnvFile = None,
+) -> None:
+    """Write the campaign's HTML contact sheet beside its images in S3, and here."""
+    from kleinfarm.producer.report import write_report
+
+    try:
+        key, page = write_report(_client(env_file).campaign(campaign_id))
+    except KleinfarmError as error:
+        _fail(error)
+    target = out or Path(f"report-{campaign_id}.html")
+    target.write_text(page)
+    console.print(f"report: s3 key {key}; local copy {target.resolve()}")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(target.resolve().as_uri())
+
+
+@app.command()
 def pause(campaign_id: str, env_file: EnvFile = None) -> None:
     """Hold a campaign's queued jobs; running jobs finish."""
     try:
