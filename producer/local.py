@@ -15,6 +15,7 @@ from rich.console import Console
 from kleinfarm.producer.campaign_files import load_campaign
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.producer.contact_sheet import write_contact_sheet
+from kleinfarm.producer.report import write_report
 from kleinfarm.producer.services import ChildService, RedisServer, S3Server
 from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.registry import Registry
@@ -144,7 +145,10 @@ def run_demo(farm: LocalFarm, campaign_file: Path, out: Path) -> None:
     folder = out / handle.id
     images = handle.download(folder)
     sheet = write_contact_sheet(images, folder / "contact-sheet.png")
+    (folder / "report.html").write_text(write_report(handle)[1])
     console.print(
         f"{status.succeeded}/{status.total} succeeded, {status.failed} failed. "
-        f"Images are in {folder.resolve()}" + (f"; contact sheet: {sheet.resolve()}" if sheet else "")
+        f"Images are in {folder.resolve()}"
+        + (f"; contact sheet: {sheet.resolve()}" if sheet else "")
+        + f"; report: {(folder / 'report.html').resolve()}"
     )

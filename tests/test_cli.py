@@ -130,6 +130,7 @@ def test_local_demo_renders_the_demo_campaign_and_leaves_images_on_disk(tmp_path
     assert demo.returncode == 0, demo.stderr
     (folder,) = out.iterdir()
     assert len(list(folder.glob("*.png"))) == 7  # six jobs and the contact sheet
+    assert (folder / "report.html").read_text().count("data:image/png;base64,") == 6
     assert "6/6 succeeded" in demo.stderr and "Images are in" in demo.stderr
 
 
