@@ -23,9 +23,9 @@ def load_campaign(path: Path, name: str | None = None) -> Campaign:
         header, raw_jobs = {}, _read_jsonl(path)
     else:
         raise CampaignFileError(f"{path}: a campaign file must end in .yaml, .yml or .jsonl")
-    raw_jobs = [_resolve_local_references(job, path.parent) for job in raw_jobs]
+    raw_jobs = [resolve_local_references(job, path.parent) for job in raw_jobs]
     header.setdefault("name", name or path.stem)
-    header["defaults"] = _resolve_local_references(header.get("defaults") or {}, path.parent)
+    header["defaults"] = resolve_local_references(header.get("defaults") or {}, path.parent)
     try:
         return Campaign.from_raw(header.pop("name"), raw_jobs, **header)
     except ValidationError as error:
@@ -61,7 +61,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return jobs
 
 
-def _resolve_local_references(job: dict[str, Any], base: Path) -> dict[str, Any]:
+def resolve_local_references(job: dict[str, Any], base: Path) -> dict[str, Any]:
     references = job.get("references")
     if not isinstance(references, list):
         return job

@@ -309,6 +309,98 @@ def local(
         _fail(error)
 
 
+schedule_app = typer.Typer(help="Scheduled bulk product edits.", no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("add")
+def schedule_add(file: Path, env_file: EnvFile = None) -> None:
+    """Add (or replace) the schedule in a YAML file."""
+    from kleinfarm.producer.schedules import ScheduleBook
+    from kleinfarm.shared.schedules import Schedule
+
+    try:
+        schedule = _load_schedule(file, Schedule)
+        ScheduleBook(_client(env_file)).add(schedule)
+    except KleinfarmError as error:
+        _fail(error)
+    console.print(f"schedule {schedule.name} added: {schedule.cron}")
+
+
+def _load_schedule(file: Path, model: Any) -> Any:
+    import yaml
+    from pydantic import ValidationError
+
+    from kleinfarm.producer.campaign_files import resolve_local_references
+    from kleinfarm.shared.errors import CampaignFileError
+    from kleinfarm.shared.jobs import describe_validation_error
+
+    try:
+        document = yaml.safe_load(file.read_text())
+        if isinstance(document, dict):
+            document = resolve_local_references(document, file.parent)
+        return model.model_validate(document)
+    except (OSError, yaml.YAMLError) as error:
+        raise CampaignFileError(f"{file}: {error}") from error
+    except ValidationError as error:
+        raise CampaignFileError(describe_validation_error(error, source=f"{file}: ")) from error
+
+
+@schedule_app.command("list")
+def schedule_list(as_json: AsJson = False, env_file: EnvFile = None) -> None:
+    """The schedules, with their last run."""
+    from kleinfarm.producer.schedules import ScheduleBook
+
+    book = ScheduleBook(_client(env_file))
+    for schedule in book.schedules():
+        runs = book.runs(schedule.name)
+        row = {**schedule.model_dump(), "last_run": runs[-1] if runs else None}
+        print(
+            json.dumps(row) if as_json else f"{schedule.name}  {schedule.cron}  {schedule.source} -> {schedule.output}"
+        )
+
+
+@schedule_app.command("remove")
+def schedule_remove(name: str, env_file: EnvFile = None) -> None:
+    from kleinfarm.producer.schedules import ScheduleBook
+
+    try:
+        ScheduleBook(_client(env_file)).remove(name)
+    except KleinfarmError as error:
+        _fail(error)
+    console.print(f"schedule {name} removed")
+
+
+@schedule_app.command("run")
+def schedule_run(
+    name: str,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the campaign")] = False,
+    env_file: EnvFile = None,
+) -> None:
+    """Run a schedule now; print the campaign it submitted (nothing if every photo is done)."""
+    from kleinfarm.producer.schedules import ScheduleBook
+
+    try:
+        handle = ScheduleBook(_client(env_file)).run(name)
+    except KleinfarmError as error:
+        _fail(error)
+    if handle is None:
+        console.print(f"schedule {name}: no new photos")
+        return
+    print(handle.id, flush=True)
+    if wait:
+        status = handle.wait(progress=True)
+        raise typer.Exit(0 if status.succeeded == status.total else 1)
+
+
+@app.command()
+def beat(env_file: EnvFile = None) -> None:
+    """Run the schedules (celery beat with redbeat, plus the task that submits their campaigns)."""
+    from kleinfarm.producer.beat import run_beat
+
+    run_beat(env_file or _default_env_file())
+
+
 bench_app = typer.Typer(help="Benchmarks that print their figures as JSON.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kleinfarm.shared.state import CampaignStatus
@@ -20,6 +21,7 @@ class CampaignProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[counts]}"),
             TimeElapsedColumn(),
+            console=Console(stderr=True),  # stdout stays for what scripts read (ids, JSON)
             disable=not enabled,
         )
         self._task = self._progress.add_task(campaign_id, total=None, counts="")

@@ -119,3 +119,14 @@ def test_the_reference_set_key_follows_content_order_and_model() -> None:
     assert forward != reference_set_key("m", ["bb", "aa"])
     assert forward != reference_set_key("other-model", ["aa", "bb"])
     assert forward != reference_set_key("m", ["aa", "bb"], preprocessing="another")
+
+
+def test_the_example_schedule_validates_and_a_bad_cron_is_refused() -> None:
+    import yaml
+
+    from kleinfarm.shared.schedules import Schedule
+
+    document = yaml.safe_load((EXAMPLES / "schedule.yaml").read_text())
+    assert Schedule.model_validate(document).cron == "0 2 * * *"
+    with pytest.raises(ValidationError, match="must have 5 fields"):
+        Schedule.model_validate({**document, "cron": "every night"})

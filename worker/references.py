@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -137,8 +138,10 @@ class ReferenceFetcher:
             raise ReferenceNotFoundError(f"reference {url} could not be fetched: {error.reason}") from error
 
     def _remember(self, digest: str, data: bytes) -> None:
+        """Write once by content; workers sharing the folder each write their own temporary file."""
         path = self.cache_dir / digest
-        if not path.exists():
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+        if path.exists():
+            return
+        with tempfile.NamedTemporaryFile(dir=self.cache_dir, prefix=f".{digest}.", delete=False) as tmp:
+            tmp.write(data)
+        Path(tmp.name).replace(path)
