@@ -140,6 +140,7 @@ def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
                 "worker": view.worker_id,
                 "device": view.info.get("device"),
                 "profile": engine.get("profile"),
+                "memory": engine.get("memory", {}),
                 "assigned": view.assigned,
                 "kv_device": kv.get("device", {}).get("keys", {}),
                 "kv_host": kv.get("host", {}).get("keys", {}),

@@ -45,3 +45,4 @@ def test_workers_count_jobs_render_seconds_and_cache_events(client: FarmClient, 
     cache_lookups = sum(grew("kleinfarm_kv_cache_events", (("event", event),)) for event in ("hits_device", "misses"))
     assert cache_lookups >= 4
     assert after[("kleinfarm_kv_cache_bytes", (("tier", "device"),))] > 0
+    assert after[("kleinfarm_memory_bytes", (("kind", "process_peak_rss"),))] > 0

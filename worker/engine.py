@@ -351,10 +351,22 @@ class RenderEngine:
         std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
         return pipe._unpatchify_latents(latents * std.to(latents.device, latents.dtype) + mean)  # type: ignore[no-any-return]
 
+    def memory(self) -> dict[str, int]:
+        """Bytes in use: the card's (allocated and reserved by torch) or, on CPU, the process's peak."""
+        if self.device.type == "cuda":
+            return {
+                "device_allocated": int(torch.cuda.memory_allocated(self.device)),
+                "device_reserved": int(torch.cuda.memory_reserved(self.device)),
+            }
+        import resource
+
+        return {"process_peak_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
     def report(self) -> dict[str, Any]:
         """What the engine holds, for the worker registry and metrics."""
         return {
             "profile": self.profile,
+            "memory": self.memory(),
             "kv": self.kv_cache.report(),
             "prompts": {
                 "hits": self.prompt_cache.hits,

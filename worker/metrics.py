@@ -32,6 +32,10 @@ class CacheCollector(Collector):
             budget.add_metric([tier], float(kv[tier]["budget"]))
         yield held
         yield budget
+        memory = GaugeMetricFamily("kleinfarm_memory_bytes", "Memory in use by the worker", labels=["kind"])
+        for kind, value in self.report().get("memory", {}).items():
+            memory.add_metric([kind], float(value))
+        yield memory
 
 
 class WorkerMetrics:
