@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from typing import Any
 
 from PIL import Image
@@ -34,7 +33,11 @@ def build_report(handle: CampaignHandle) -> str:
     """The report's HTML, with each finished image read back from storage as a thumbnail."""
     status = handle.status()
     cards = [_card(handle, manifest_row(record)) for record in handle.client.state.jobs(handle.id)]
-    counts = ", ".join(f"{key} {value}" for key, value in status.as_dict().items() if isinstance(value, int))
+    counts = ", ".join(
+        f"{key} {value}"
+        for key, value in status.as_dict().items()
+        if type(value) is int  # not the bool flags
+    )
     title = html.escape(f"{status.name} ({handle.id})")
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head>"
@@ -55,7 +58,9 @@ def _card(handle: CampaignHandle, row: dict[str, Any]) -> str:
     image = ""
     if row["state"] == "succeeded" and row["key"]:
         image = f"<img alt='{html.escape(row['job_id'])}' src='data:image/png;base64,{_thumbnail(handle, row['key'])}'>"
-    timings = json.dumps(row["timings"]) if row["timings"] else ""
+    timings = " · ".join(
+        f"{name.removesuffix('_s')} {seconds:.2f} s" for name, seconds in (row["timings"] or {}).items()
+    )
     error = f"<div class='error'>{html.escape(row['error'])}</div>" if row["error"] else ""
     return (
         f"<div class='job {html.escape(row['state'])}' data-job='{html.escape(row['job_id'])}'>{image}"

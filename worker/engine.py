@@ -235,7 +235,7 @@ class RenderEngine:
 
         # 4. References: held K/V, or reference latents to extract them from (or to carry every step).
         refs = self._references(references, batch_size, generator, mode)
-        timings["setup_s"] = _lap(started) - timings["prompt_s"]
+        timings["setup_s"] = round(_lap(started) - timings["prompt_s"], 4)
 
         # 5. Denoise.
         for index, t in enumerate(timesteps):
@@ -245,7 +245,7 @@ class RenderEngine:
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(index + 1, steps)
-        timings["denoise_s"] = _lap(started) - timings["prompt_s"] - timings["setup_s"]
+        timings["denoise_s"] = round(_lap(started) - timings["prompt_s"] - timings["setup_s"], 4)
 
         # 6. Unpack to VAE latents.
         latents = self._to_vae_latents(latents, latent_ids)
