@@ -170,7 +170,7 @@ def test_cancel_drops_queued_jobs_and_the_farm_goes_on(
     status = handle.wait(progress=False, timeout=WAIT_S)
     assert dropped > 0 and status.done and status.cancelled >= dropped
     assert status.succeeded + status.cancelled == 30 and status.failed == 0
-    assert status.cancelled >= 26  # each worker held at most two jobs when the cancel came
+    assert status.cancelled >= 30 - 2 * len(workers.alive())  # each worker held at most two jobs
     members = client.state.redis.zrange(PENDING, 0, -1)
     assert not [member for member in members if str(member).startswith(handle.id)]
     manifest = storage.get(f"kleinfarm/{handle.id}/manifest.jsonl").decode().splitlines()
