@@ -56,6 +56,17 @@ def flower_url(farm_env: dict[str, str], workers: WorkerPool, tmp_path: Any) -> 
     process.wait(timeout=30)
 
 
+def events_reach_flower(client: FarmClient, flower_url: str) -> None:
+    """Flower answers /healthcheck before its event stream is live: run probe jobs until one shows."""
+    deadline = time.monotonic() + 60
+    while True:
+        probe = client.submit(Campaign.from_raw("flower-probe", [{"prompt": "p", "width": 256, "height": 256}]))
+        probe.wait(progress=False, timeout=300)
+        if any(probe.id in str(task.get("kwargs")) for task in get(f"{flower_url}/api/tasks").values()):
+            return
+        assert time.monotonic() < deadline, "Flower never received the workers' task events"
+
+
 def test_flower_refuses_to_start_without_credentials(farm_env: dict[str, str]) -> None:
     env = {key: value for key, value in {**os.environ, **farm_env}.items() if key != "KLEINFARM_FLOWER_BASIC_AUTH"}
     started = subprocess.run(
@@ -71,6 +82,7 @@ def test_flower_lists_workers_and_named_tasks_with_their_final_states(
         get(f"{flower_url}/api/workers", credentials=None)
     assert refused.value.code == 401
 
+    events_reach_flower(client, flower_url)
     missing = f"s3://{storage.bucket}/nowhere/ref.png"
     jobs = [{"prompt": "fine", "width": 256, "height": 256}, {"prompt": "bad", "references": [missing]}]
     handle = client.submit(Campaign.from_raw("flower", jobs, defaults={"width": 256, "height": 256}))
