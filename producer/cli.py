@@ -9,6 +9,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kleinfarm.shared.errors import KleinfarmError
@@ -23,8 +24,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a ta
 
 
 def _fail(error: KleinfarmError) -> NoReturn:
-    console.print(f"[red]error:[/red] {error}", highlight=False, markup=True)
-    raise typer.Exit(2)
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+    sys.exit(2)
 
 
 def _client(env_file: Path | None) -> Any:
@@ -50,11 +51,8 @@ def submit(
     """Submit a campaign file (YAML or JSONL) and print its id."""
     from kleinfarm.producer.campaign_files import load_campaign
 
-    try:
-        campaign = load_campaign(file, name)
-        handle = _client(env_file).submit(campaign)
-    except KleinfarmError as error:
-        _fail(error)
+    campaign = load_campaign(file, name)
+    handle = _client(env_file).submit(campaign)
     print(json.dumps({"campaign_id": handle.id, "jobs": len(campaign.jobs)}) if as_json else handle.id, flush=True)
     if wait:
         status = handle.wait(progress=not as_json)
@@ -68,10 +66,7 @@ def submit(
 @app.command()
 def status(campaign_id: str, as_json: AsJson = False, env_file: EnvFile = None) -> None:
     """Counts by state: total, pending, running, succeeded, failed, cancelled."""
-    try:
-        counts = _client(env_file).campaign(campaign_id).status().as_dict()
-    except KleinfarmError as error:
-        _fail(error)
+    counts = _client(env_file).campaign(campaign_id).status().as_dict()
     print(json.dumps(counts)) if as_json else _print_status(counts)
 
 
@@ -94,17 +89,14 @@ def results(
     env_file: EnvFile = None,
 ) -> None:
     """One line per job: job_id, state, key, error, seed, width, height."""
-    try:
-        handle = _client(env_file).campaign(campaign_id)
-        rows = handle.results()
-        if download:
-            files = handle.download(download)
-            from kleinfarm.producer.contact_sheet import write_contact_sheet
+    handle = _client(env_file).campaign(campaign_id)
+    rows = handle.results()
+    if download:
+        files = handle.download(download)
+        from kleinfarm.producer.contact_sheet import write_contact_sheet
 
-            sheet = write_contact_sheet(files, download / "contact-sheet.png")
-            console.print(f"{len(files)} image(s) in {download}; contact sheet: {sheet}")
-    except KleinfarmError as error:
-        _fail(error)
+        sheet = write_contact_sheet(files, download / "contact-sheet.png")
+        console.print(f"{len(files)} image(s) in {download}; contact sheet: {sheet}")
     if as_json:
         for row in rows:
             print(json.dumps(row))
@@ -118,10 +110,7 @@ def results(
 @app.command()
 def cancel(campaign_id: str, env_file: EnvFile = None) -> None:
     """Cancel a whole campaign: queued jobs are dropped, running ones stop at their next step."""
-    try:
-        dropped = _client(env_file).campaign(campaign_id).cancel()
-    except KleinfarmError as error:
-        _fail(error)
+    dropped = _client(env_file).campaign(campaign_id).cancel()
     console.print(f"cancelled {campaign_id}: {dropped} queued job(s) dropped")
 
 
@@ -175,10 +164,7 @@ def report(
     """Write the campaign's HTML contact sheet beside its images in S3, and here."""
     from kleinfarm.producer.report import write_report
 
-    try:
-        key, page = write_report(_client(env_file).campaign(campaign_id))
-    except KleinfarmError as error:
-        _fail(error)
+    key, page = write_report(_client(env_file).campaign(campaign_id))
     target = out or Path(f"report-{campaign_id}.html")
     target.write_text(page)
     console.print(f"report: s3 key {key}; local copy {target.resolve()}")
@@ -191,20 +177,14 @@ def report(
 @app.command()
 def pause(campaign_id: str, env_file: EnvFile = None) -> None:
     """Hold a campaign's queued jobs; running jobs finish."""
-    try:
-        held = _client(env_file).campaign(campaign_id).pause()
-    except KleinfarmError as error:
-        _fail(error)
+    held = _client(env_file).campaign(campaign_id).pause()
     console.print(f"paused {campaign_id}: {held} queued job(s) held")
 
 
 @app.command()
 def resume(campaign_id: str, env_file: EnvFile = None) -> None:
     """Give a paused campaign's held jobs back to the farm."""
-    try:
-        released = _client(env_file).campaign(campaign_id).resume()
-    except KleinfarmError as error:
-        _fail(error)
+    released = _client(env_file).campaign(campaign_id).resume()
     console.print(f"resumed {campaign_id}: {released} job(s) queued again")
 
 
@@ -218,10 +198,7 @@ def retry(
     if not failed:
         console.print("say what to retry: --failed")
         raise typer.Exit(2)
-    try:
-        retried = _client(env_file).campaign(campaign_id).retry_failed()
-    except KleinfarmError as error:
-        _fail(error)
+    retried = _client(env_file).campaign(campaign_id).retry_failed()
     console.print(f"{campaign_id}: {retried} failed job(s) requeued")
 
 
@@ -234,10 +211,7 @@ def flower(
     """Start Flower on the farm, behind basic auth from KLEINFARM_FLOWER_BASIC_AUTH=user:password."""
     from kleinfarm.worker.monitor import run_flower
 
-    try:
-        run_flower(port, address, env_file or _default_env_file())
-    except KleinfarmError as error:
-        _fail(error)
+    run_flower(port, address, env_file or _default_env_file())
 
 
 @app.command()
@@ -270,10 +244,7 @@ def render(
     """Render one job locally, without Redis, Celery or S3."""
     from kleinfarm.worker.local_render import render_one
 
-    try:
-        path, seed_used = render_one(prompt, out, model, ref or [], width, height, seed, steps, device)
-    except KleinfarmError as error:
-        _fail(error)
+    path, seed_used = render_one(prompt, out, model, ref or [], width, height, seed, steps, device)
     console.print(f"wrote {path} (seed {seed_used})")
 
 
@@ -300,14 +271,11 @@ def local(
     """Run a whole farm on this machine: Redis, an S3 server, N workers. Ctrl-C stops it."""
     from kleinfarm.producer.local import LocalFarm, run_demo
 
-    try:
-        with LocalFarm(workers=workers, model=model, env_file=env_file) as farm:
-            if demo:
-                run_demo(farm, demo_file, out)
-            else:
-                farm.serve_until_interrupted()
-    except KleinfarmError as error:
-        _fail(error)
+    with LocalFarm(workers=workers, model=model, env_file=env_file) as farm:
+        if demo:
+            run_demo(farm, demo_file, out)
+        else:
+            farm.serve_until_interrupted()
 
 
 schedule_app = typer.Typer(help="Scheduled bulk product edits.", no_args_is_help=True)
@@ -320,11 +288,8 @@ def schedule_add(file: Path, env_file: EnvFile = None) -> None:
     from kleinfarm.producer.schedules import ScheduleBook
     from kleinfarm.shared.schedules import Schedule
 
-    try:
-        schedule = _load_schedule(file, Schedule)
-        ScheduleBook(_client(env_file)).add(schedule)
-    except KleinfarmError as error:
-        _fail(error)
+    schedule = _load_schedule(file, Schedule)
+    ScheduleBook(_client(env_file)).add(schedule)
     console.print(f"schedule {schedule.name} added: {schedule.cron}")
 
 
@@ -365,10 +330,7 @@ def schedule_list(as_json: AsJson = False, env_file: EnvFile = None) -> None:
 def schedule_remove(name: str, env_file: EnvFile = None) -> None:
     from kleinfarm.producer.schedules import ScheduleBook
 
-    try:
-        ScheduleBook(_client(env_file)).remove(name)
-    except KleinfarmError as error:
-        _fail(error)
+    ScheduleBook(_client(env_file)).remove(name)
     console.print(f"schedule {name} removed")
 
 
@@ -381,10 +343,7 @@ def schedule_run(
     """Run a schedule now; print the campaign it submitted (nothing if every photo is done)."""
     from kleinfarm.producer.schedules import ScheduleBook
 
-    try:
-        handle = ScheduleBook(_client(env_file)).run(name)
-    except KleinfarmError as error:
-        _fail(error)
+    handle = ScheduleBook(_client(env_file)).run(name)
     if handle is None:
         console.print(f"schedule {name}: no new photos")
         return
@@ -452,4 +411,8 @@ def bench_routing(
 
 
 def main() -> None:
-    sys.exit(app())
+    """Every command's farm error ends the same way: its message on stderr, exit status 2."""
+    try:
+        sys.exit(app())
+    except KleinfarmError as error:
+        _fail(error)

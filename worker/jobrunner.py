@@ -16,7 +16,7 @@ from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.errors import JobCancelledError, KleinfarmError
 from kleinfarm.shared.jobs import EditJob, GenerateJob, Job, JobState
 from kleinfarm.shared.manifest import output_key, write_manifest
-from kleinfarm.shared.state import campaign_of
+from kleinfarm.shared.state import campaign_key, campaign_of
 from kleinfarm.worker.context import WorkerContext
 from kleinfarm.worker.engine import RenderResult
 
@@ -28,19 +28,22 @@ HELD = [JobState.RUNNING]
 
 def run_job(context: WorkerContext, member: str, attempt: int, send_event: EventSender) -> str:
     """Run ``member`` if this delivery still holds it; return the job's final state."""
-    state, worker = context.state, context.worker_id
+    state, worker, started = context.state, context.worker_id, time.time()
     claim = state.transition(
         member,
         JobState.RUNNING,
         [JobState.ASSIGNED],
         if_attempt=str(attempt),
         if_worker=worker,
-        fields={"started": str(time.time())},
+        fields={"started": str(started)},
     )
     if not claim.changed:
         # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
         log.info("skipping %s attempt %s: it is %s", member, attempt, claim.previous or "unknown")
         return claim.previous
+    if context.metrics is not None:
+        submitted = state.redis.hget(campaign_key(campaign_of(member)), "created")
+        context.metrics.job_started(started - float(str(submitted)) if submitted else None)
     try:
         final, fields, worker_fault = _execute(context, member, send_event)
         return _finish(context, member, attempt, final, fields, worker_fault)
@@ -131,15 +134,6 @@ def _png(
     return buffer.getvalue(), "image/png", ascii_meta
 
 
-def _observe(context: WorkerContext, member: str, final: JobState, fields: dict[str, str]) -> None:
-    assert context.metrics is not None
-    timings = json.loads(fields.get("timings", "{}"))
-    record = context.state.job(member)
-    created = context.state.campaign_meta(campaign_of(member)).get("created")
-    wait = float(record["started"]) - float(created) if record.get("started") and created else None
-    context.metrics.job_ended(str(final), timings.get("total_s"), wait)
-
-
 def _finish(
     context: WorkerContext, member: str, attempt: int, final: JobState, fields: dict[str, str], worker_fault: bool
 ) -> str:
@@ -152,7 +146,7 @@ def _finish(
         return outcome.previous
     context.counters[str(final)] = context.counters.get(str(final), 0) + 1
     if context.metrics is not None:
-        _observe(context, member, final, fields)
+        context.metrics.job_ended(str(final), json.loads(fields.get("timings", "{}")).get("total_s"))
     if final == JobState.FAILED:
         control = CampaignControl(context.state)
         if worker_fault and control.record_worker_failure(campaign_of(member), context.identity):

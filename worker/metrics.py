@@ -59,9 +59,11 @@ class WorkerMetrics:
         server, _thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)  # noqa: S104
         return int(server.server_port)
 
-    def job_ended(self, state: str, render_s: float | None, wait_s: float | None) -> None:
+    def job_started(self, wait_s: float | None) -> None:
+        if wait_s is not None:
+            self.queue_wait_seconds.observe(wait_s)
+
+    def job_ended(self, state: str, render_s: float | None) -> None:
         self.jobs.labels(state=state).inc()
         if render_s is not None:
             self.render_seconds.observe(render_s)
-        if wait_s is not None:
-            self.queue_wait_seconds.observe(wait_s)
