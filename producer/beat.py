@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.producer.schedules import SCHEDULE_TASK, ScheduleBook, beat_app
+from kleinfarm.shared import keys
 
 log = logging.getLogger(__name__)
 
@@ -23,4 +24,4 @@ def run_beat(env_file: Path | None) -> None:
         log.info("schedule %s: %s", name, f"submitted campaign {handle.id}" if handle else "nothing new")
         return handle.id if handle else None
 
-    app.worker_main(["worker", "--beat", "--pool=solo", "-Q", "kf.control", "--loglevel=INFO", "-n", "beat@%h"])
+    app.worker_main(["worker", "--beat", "--pool=solo", "-Q", keys.CONTROL_QUEUE, "--loglevel=INFO", "-n", "beat@%h"])

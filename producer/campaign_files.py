@@ -1,4 +1,5 @@
-"""Campaign files: YAML (defaults plus a job list) and JSONL (one job per line, for big campaigns)."""
+"""The files producers hand the farm: campaigns as YAML (defaults plus a job list) or JSONL (one job
+per line, for big campaigns), and schedule files (YAML)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pydantic import ValidationError
 
 from kleinfarm.shared.errors import CampaignFileError
 from kleinfarm.shared.jobs import Campaign, describe_validation_error
+from kleinfarm.shared.locators import has_scheme
+from kleinfarm.shared.schedules import Schedule
 
 
 def load_campaign(path: Path, name: str | None = None) -> Campaign:
@@ -67,8 +70,21 @@ def resolve_local_references(job: dict[str, Any], base: Path) -> dict[str, Any]:
         return job
     resolved = [
         str((base / ref).resolve())
-        if isinstance(ref, str) and "://" not in ref and not Path(ref).is_absolute()
+        if isinstance(ref, str) and not has_scheme(ref) and not Path(ref).is_absolute()
         else ref
         for ref in references
     ]
     return {**job, "references": resolved}
+
+
+def load_schedule(path: Path) -> Schedule:
+    """Read a schedule file; relative local references resolve beside it."""
+    try:
+        document = yaml.safe_load(path.read_text())
+        if isinstance(document, dict):
+            document = resolve_local_references(document, path.parent)
+        return Schedule.model_validate(document)
+    except (OSError, yaml.YAMLError) as error:
+        raise CampaignFileError(f"{path}: {error}") from error
+    except ValidationError as error:
+        raise CampaignFileError(describe_validation_error(error, source=f"{path}: ")) from error

@@ -9,14 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kleinfarm.shared import keys
 from kleinfarm.shared.control import CampaignControl
-from kleinfarm.shared.costmodel import MAX_REF_SIDE, CostModel
+from kleinfarm.shared.costmodel import CostModel
 from kleinfarm.shared.errors import FarmTimeoutError, JobSpecError
 from kleinfarm.shared.jobs import Campaign, EditJob, GenerateJob
-from kleinfarm.shared.manifest import result_row, write_manifest
+from kleinfarm.shared.klein import REFERENCE_MAX_SIDE
+from kleinfarm.shared.locators import parse_locator
+from kleinfarm.shared.manifest import write_manifest
+from kleinfarm.shared.records import CampaignStatus, RoutingInfo
 from kleinfarm.shared.refset import route_key
 from kleinfarm.shared.settings import FarmSettings
-from kleinfarm.shared.state import CampaignStatus, FarmState, NewJob, RoutingInfo
+from kleinfarm.shared.state import FarmState, NewJob
 from kleinfarm.shared.storage import Storage
 
 COSTS = CostModel()
@@ -36,10 +40,10 @@ def prepare_jobs(campaign: Campaign) -> list[NewJob]:
     missing: dict[str, bool] = {}
     prepared = []
     for index, job in enumerate(campaign.jobs):
-        job_id = job.id or f"job-{index:0{width}d}"
-        if job_id in seen:
-            raise JobSpecError(f"jobs[{index}].id: duplicate id {job_id!r}")
-        seen.add(job_id)
+        local_id = job.id or f"job-{index:0{width}d}"
+        if local_id in seen:
+            raise JobSpecError(f"jobs[{index}].id: duplicate id {local_id!r}")
+        seen.add(local_id)
         if isinstance(job, EditJob):
             _check_local_references(job, index, missing)
         seeded = job.with_seed()
@@ -48,7 +52,7 @@ def prepare_jobs(campaign: Campaign) -> list[NewJob]:
         shown = {"kind": seeded.kind, "seed": str(seeded.seed), "width": str(job.width), "height": str(job.height)}
         if routing.route:
             shown["route"] = routing.route
-        prepared.append(NewJob(job_id=job_id, spec=spec, routing=routing, fields=shown))
+        prepared.append(NewJob(local_id=local_id, spec=spec, routing=routing, fields=shown))
     return prepared
 
 
@@ -57,16 +61,17 @@ def routing_info(job: GenerateJob | EditJob, priority: int = 0, costs: CostModel
     work = costs.cached_render_s(job.width, job.height)
     if not isinstance(job, EditJob):
         return RoutingInfo(None, work, 0.0, priority)
-    build = costs.build_s(len(job.references), MAX_REF_SIDE)
+    build = costs.build_s(len(job.references), REFERENCE_MAX_SIDE)
     return RoutingInfo(route_key(job.references), work, build, priority)
 
 
 def _check_local_references(job: EditJob, index: int, missing: dict[str, bool]) -> None:
     for position, reference in enumerate(job.references):
-        if "://" in reference:
+        locator = parse_locator(reference)
+        if not locator.is_local:
             continue  # s3 and https are checked by the worker, which holds the credentials
         if reference not in missing:
-            missing[reference] = not Path(reference).is_file()
+            missing[reference] = not locator.path.is_file()
         if missing[reference]:
             raise JobSpecError(f"jobs[{index}].references[{position}]: {reference} does not exist")
 
@@ -87,7 +92,7 @@ class CampaignHandle:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         pubsub = self.client.state.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        pubsub.subscribe(self.client.state.events_channel(self.id))
+        pubsub.subscribe(keys.campaign_events(self.id))
         try:
             with CampaignProgress(self.id, enabled=progress) as bar:
                 while True:
@@ -114,7 +119,7 @@ class CampaignHandle:
 
     def results(self) -> list[dict[str, Any]]:
         """One row per job: job_id, state, key, error, seed, width, height."""
-        return [result_row(record) for record in self.client.state.jobs(self.id)]
+        return [record.result_row() for record in self.client.state.jobs(self.id)]
 
     def cancel(self) -> int:
         """Drop the queued jobs, stop the running ones at their next step; return jobs dropped."""

@@ -7,7 +7,7 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kleinfarm.shared.state import CampaignStatus
+from kleinfarm.shared.records import CampaignStatus
 
 
 class CampaignProgress:

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 
 from kleinfarm.producer.client import CampaignHandle
-from kleinfarm.shared.manifest import manifest_row
+from kleinfarm.shared.manifest import report_key
 
 THUMB_PX = 192
 STYLE = """
@@ -25,14 +25,10 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 """
 
 
-def report_key(prefix: str, campaign_id: str) -> str:
-    return f"{prefix.strip('/')}/{campaign_id}/report.html"
-
-
 def build_report(handle: CampaignHandle) -> str:
     """The report's HTML, with each finished image read back from storage as a thumbnail."""
     status = handle.status()
-    cards = [_card(handle, manifest_row(record)) for record in handle.client.state.jobs(handle.id)]
+    cards = [_card(handle, record.manifest_row()) for record in handle.client.state.jobs(handle.id)]
     counts = ", ".join(
         f"{key} {value}"
         for key, value in status.as_dict().items()

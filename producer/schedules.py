@@ -8,19 +8,14 @@ import time
 from typing import Any
 
 from kleinfarm.producer.client import CampaignHandle, FarmClient
+from kleinfarm.shared import keys
 from kleinfarm.shared.errors import ConfigError, JobSpecError
 from kleinfarm.shared.jobs import Campaign
+from kleinfarm.shared.locators import split_s3_url
 from kleinfarm.shared.schedules import Schedule, parse_cron
-from kleinfarm.shared.state import PREFIX
-from kleinfarm.shared.storage import split_s3_url
+from kleinfarm.shared.states import JobState
 
-SCHEDULES = f"{PREFIX}:schedules"
 SCHEDULE_TASK = "kleinfarm.schedule"
-REDBEAT_PREFIX = f"{PREFIX}:redbeat:"
-
-
-def _key(name: str, part: str) -> str:
-    return f"{PREFIX}:schedule:{name}:{part}"
 
 
 class ScheduleBook:
@@ -38,7 +33,7 @@ class ScheduleBook:
             raise JobSpecError(
                 f"output {schedule.output}: images go to the farm's bucket {self.client.settings.s3_bucket!r}"
             )
-        self.redis.hset(SCHEDULES, schedule.name, schedule.model_dump_json())
+        self.redis.hset(keys.SCHEDULES, schedule.name, schedule.model_dump_json())
         entry = RedBeatSchedulerEntry(
             f"kleinfarm-{schedule.name}",
             SCHEDULE_TASK,
@@ -49,11 +44,11 @@ class ScheduleBook:
         entry.save()
 
     def schedules(self) -> list[Schedule]:
-        stored: dict[str, str] = self.redis.hgetall(SCHEDULES)  # type: ignore[assignment]
+        stored: dict[str, str] = self.redis.hgetall(keys.SCHEDULES)  # type: ignore[assignment]
         return [Schedule.model_validate_json(text) for _, text in sorted(stored.items())]
 
     def get(self, name: str) -> Schedule:
-        text = self.redis.hget(SCHEDULES, name)
+        text = self.redis.hget(keys.SCHEDULES, name)
         if not text:
             raise ConfigError(f"no schedule named {name!r}")
         return Schedule.model_validate_json(str(text))
@@ -62,12 +57,12 @@ class ScheduleBook:
         from redbeat import RedBeatSchedulerEntry
 
         schedule = self.get(name)
-        self.redis.hdel(SCHEDULES, name)
+        self.redis.hdel(keys.SCHEDULES, name)
         app = beat_app(self.client)
         RedBeatSchedulerEntry(f"kleinfarm-{name}", SCHEDULE_TASK, parse_cron(schedule.cron), app=app).delete()
 
     def runs(self, name: str) -> list[dict[str, Any]]:
-        return [json.loads(text) for text in self.redis.lrange(_key(name, "runs"), 0, -1)]  # type: ignore[union-attr]
+        return [json.loads(text) for text in self.redis.lrange(keys.schedule_runs(name), 0, -1)]  # type: ignore[union-attr]
 
     def run(self, name: str) -> CampaignHandle | None:
         """Submit a campaign for the photos not yet edited this way; None if there are none."""
@@ -96,21 +91,21 @@ class ScheduleBook:
                 defaults={"width": schedule.width, "height": schedule.height},
             )
             handle = self.client.submit(campaign)
-            self.redis.rpush(_key(name, "campaigns"), handle.id)
+            self.redis.rpush(keys.schedule_campaigns(name), handle.id)
             summary["campaign"] = handle.id
-        self.redis.rpush(_key(name, "runs"), json.dumps(summary))
+        self.redis.rpush(keys.schedule_runs(name), json.dumps(summary))
         return handle
 
     def _harvest(self, name: str) -> tuple[set[str], set[str]]:
         """Edit keys done (succeeded) and in flight, from this schedule's campaigns."""
-        done_key = _key(name, "done")
+        done_key = keys.schedule_done(name)
         in_flight: set[str] = set()
-        for campaign_id in self.redis.lrange(_key(name, "campaigns"), 0, -1):  # type: ignore[union-attr]
+        for campaign_id in self.redis.lrange(keys.schedule_campaigns(name), 0, -1):  # type: ignore[union-attr]
             for record in self.client.state.jobs(str(campaign_id)):
-                if record.get("state") == "succeeded":
-                    self.redis.sadd(done_key, record["job_id"])
-                elif record.get("state") in ("pending", "assigned", "running"):
-                    in_flight.add(record["job_id"])
+                if record.state == JobState.SUCCEEDED:
+                    self.redis.sadd(done_key, record.local_id)
+                elif not record.state.terminal:
+                    in_flight.add(record.local_id)
         return set(self.redis.smembers(done_key)), in_flight  # type: ignore[arg-type]
 
     def _photos(self, schedule: Schedule) -> dict[str, str]:
@@ -138,14 +133,14 @@ class ScheduleBook:
 
 def beat_app(client: FarmClient) -> Any:
     """The Celery app beat and the schedule task run on, with redbeat keeping the schedule in Redis."""
-    from kleinfarm.worker.celery_app import make_celery
+    from kleinfarm.shared.broker import make_celery
 
     app = make_celery(client.settings)
     app.conf.update(
         redbeat_redis_url=client.settings.redis_url,
-        redbeat_key_prefix=REDBEAT_PREFIX,
+        redbeat_key_prefix=keys.REDBEAT_PREFIX,
         beat_scheduler="redbeat.RedBeatScheduler",
         beat_max_loop_interval=10,
-        task_default_queue="kf.control",
+        task_default_queue=keys.CONTROL_QUEUE,
     )
     return app

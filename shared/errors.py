@@ -51,6 +51,10 @@ class CampaignNotFoundError(KleinfarmError):
     """No campaign with this id is known to the farm."""
 
 
+class JobNotFoundError(KleinfarmError):
+    """No job with this id is known to the farm."""
+
+
 class JobCancelledError(KleinfarmError):
     """The job's campaign was cancelled while it waited or rendered."""
 

@@ -3,41 +3,27 @@
 from __future__ import annotations
 
 import secrets
-from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MIN_SIDE = 256
-MAX_SIDE = 2048
+from kleinfarm.shared.locators import parse_locator
+
+MIN_OUTPUT_SIDE = 256
+MAX_OUTPUT_SIDE = 2048
 SIDE_MULTIPLE = 16
 MAX_REFERENCES = 4
+# diffusers' Flux2ImageProcessor.check_image_input refuses smaller references.
+MIN_REFERENCE_SIDE = 64
+MAX_REFERENCE_ASPECT = 8
 MAX_SEED = 2**32 - 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
-class JobState(StrEnum):
-    """Where a job is in its life; the last three are terminal."""
-
-    PENDING = "pending"
-    ASSIGNED = "assigned"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_STATES
-
-
-TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-
 def check_side(value: int, field: str) -> int:
     """Return ``value`` if it is a valid output side, else raise ``ValueError`` naming the limit."""
-    if not MIN_SIDE <= value <= MAX_SIDE:
-        raise ValueError(f"{field}={value} is out of range: it must be between {MIN_SIDE} and {MAX_SIDE}")
+    if not MIN_OUTPUT_SIDE <= value <= MAX_OUTPUT_SIDE:
+        raise ValueError(f"{field}={value} is out of range: it must be between {MIN_OUTPUT_SIDE} and {MAX_OUTPUT_SIDE}")
     if value % SIDE_MULTIPLE:
         raise ValueError(f"{field}={value} is not a multiple of {SIDE_MULTIPLE}")
     return value
@@ -45,21 +31,7 @@ def check_side(value: int, field: str) -> int:
 
 def check_reference_url(url: str) -> str:
     """Accept ``s3://bucket/key``, ``https://...`` or a local path; refuse any other scheme."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        if not url.strip():
-            raise ValueError("a reference is empty")
-        return url
-    if scheme == "s3":
-        bucket, _, key = rest.partition("/")
-        if not bucket or not key:
-            raise ValueError(f"reference {url!r} must be s3://bucket/key")
-        return url
-    if scheme == "https":
-        return url
-    if scheme == "file":
-        return rest
-    raise ValueError(f"reference {url!r} has scheme {scheme!r}: only s3://, https:// and local paths are supported")
+    return parse_locator(url).text
 
 
 class _JobBase(BaseModel):

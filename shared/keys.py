@@ -5,8 +5,9 @@ builds a key of its own. ``docs/redis.md`` walks through the same schema with th
 ``job_id`` is a job's farm-wide id, ``<campaign_id>/<local_id>``; ``local_id`` is its id within
 the campaign (the campaign file's ``id``, or ``job-NNN``).
 
-Keys owned by libraries, not by this schema: Celery/kombu's queues ``kf.default`` and
-``kf.control`` and their ``unacked*`` hashes; redbeat's entries under ``REDBEAT_PREFIX``.
+Keys owned by libraries, named here but written by them: Celery/kombu's queues (``DEFAULT_QUEUE``,
+``CONTROL_QUEUE``, ``worker_queue``) with kombu's ``unacked*`` hashes, and redbeat's entries under
+``REDBEAT_PREFIX``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ SEQUENCE = f"{PREFIX}:seq"
 ROUTING = f"{PREFIX}:routing"
 # string lock: which worker process's dispatcher leads. Held with a TTL of a few ticks.
 DISPATCHER_LOCK = f"{PREFIX}:dispatcher:lock"
+# Celery queue (a kombu list) nothing is routed to: tasks always name their queue.
+DEFAULT_QUEUE = f"{PREFIX}.default"
+# Celery queue (a kombu list) of the schedule task that beat fires; served by ``kleinfarm beat``.
+CONTROL_QUEUE = f"{PREFIX}.control"
 
 # -- campaigns ---------------------------------------------------------------------------------------
 # zset campaign_id -> creation time. Written at submit. Lives for ever.

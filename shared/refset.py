@@ -1,8 +1,8 @@
 """The reference-set key: the identity under which a set's attention K/V are cached and routed.
 
 A set's K/V depend on the model weights, the ordered reference *contents* after preprocessing and
-their positions, never on the prompt, seed, output size or step (FACTS.md, "How the KV variant
-works"). So the key hashes exactly those, and never a URL, whose content can change.
+their positions, never on the prompt, seed, output size or step (``docs/engine.md``, "How the
+KV variant works"). So the key hashes exactly those, and never a URL, whose content can change.
 """
 
 from __future__ import annotations

@@ -1,36 +1,22 @@
 """The worker registry: who is alive, what each holds, and what was handed to whom.
 
-Workers publish a heartbeat; a worker whose heartbeat lapses is reaped and every job handed to it
-goes back to the pending queue, because Celery never drains a dead worker's queue by itself.
+Workers publish a heartbeat (a ``WorkerReport``); a worker whose heartbeat lapses is retired and
+every job handed to it goes back to the pending queue, because Celery never drains a dead
+worker's queue by itself.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from kleinfarm.shared.jobs import JobState
-from kleinfarm.shared.state import PREFIX, FarmState
+from kleinfarm.shared import keys
+from kleinfarm.shared.records import WorkerReport
+from kleinfarm.shared.state import FarmState
+from kleinfarm.shared.states import JobState, Move
 
-WORKERS = f"{PREFIX}:workers"
-IDENTITIES = f"{PREFIX}:identities"  # identity (host and card) -> the worker id serving it now
 # A job lost with its worker this many times fails instead of requeueing forever (celery #9082).
 MAX_ATTEMPTS = 3
-
-
-def worker_info_key(worker_id: str) -> str:
-    return f"{PREFIX}:worker:{worker_id}"
-
-
-def assigned_key(worker_id: str) -> str:
-    return f"{PREFIX}:worker:{worker_id}:assigned"
-
-
-def worker_queue(worker_id: str) -> str:
-    """The worker's own Celery queue: only the dispatcher publishes to it."""
-    return f"kf.w.{worker_id}"
 
 
 @dataclass
@@ -38,10 +24,16 @@ class WorkerView:
     """What the dispatcher knows of one live worker."""
 
     worker_id: str
-    queue: str
-    assigned: dict[str, float]  # job member -> estimated seconds
-    slots: int
-    info: dict[str, Any] = field(default_factory=dict)
+    assigned: dict[str, float]  # job_id -> estimated seconds
+    report: WorkerReport
+
+    @property
+    def queue(self) -> str:
+        return keys.worker_queue(self.worker_id)
+
+    @property
+    def slots(self) -> int:
+        return self.report.slots
 
     @property
     def room(self) -> int:
@@ -53,12 +45,12 @@ class WorkerView:
 
     @property
     def identity(self) -> str:
-        return str(self.info.get("identity") or self.worker_id)
+        return self.report.identity or self.worker_id
 
     @property
     def routes(self) -> set[str]:
         """Routing keys of the reference sets the worker reports holding (any tier)."""
-        return set(json.loads(self.info.get("routes") or "[]"))
+        return set(self.report.routes)
 
 
 class Registry:
@@ -69,75 +61,65 @@ class Registry:
         self.redis = state.redis
         self.lapse_s = lapse_s
 
-    def heartbeat(self, worker_id: str, info: dict[str, Any]) -> None:
+    def heartbeat(self, worker_id: str, report: WorkerReport) -> None:
         """Say ``worker_id`` is alive now, with what it reports of itself.
 
         A worker that registers under the identity of another (the same card after a restart)
         retires the old one at once: its jobs go back, and nothing it cached is believed any more.
         """
-        identity = str(info.get("identity") or worker_id)
-        previous = self.redis.hget(IDENTITIES, identity)
+        previous = self.redis.hget(keys.IDENTITIES, report.identity)
         if previous and previous != worker_id:
-            self.retire(str(previous), reason=f"{identity} restarted as {worker_id}")
-        flat: dict[Any, Any] = {
-            key: value if isinstance(value, str) else json.dumps(value) for key, value in info.items()
-        }
+            self.retire(str(previous), reason=f"{report.identity} restarted as {worker_id}")
         pipe = self.redis.pipeline()
-        pipe.hset(worker_info_key(worker_id), mapping={**flat, "seen": time.time()})
-        pipe.zadd(WORKERS, {worker_id: time.time()})
-        pipe.hset(IDENTITIES, identity, worker_id)
+        pipe.hset(keys.worker(worker_id), mapping={"report": report.model_dump_json(), "seen": time.time()})
+        pipe.zadd(keys.WORKERS, {worker_id: time.time()})
+        pipe.hset(keys.IDENTITIES, report.identity, worker_id)
         pipe.execute()
 
     def live_workers(self) -> list[WorkerView]:
-        ids: list[str] = self.redis.zrangebyscore(WORKERS, time.time() - self.lapse_s, "+inf")  # type: ignore[assignment]
+        ids: list[str] = self.redis.zrangebyscore(keys.WORKERS, time.time() - self.lapse_s, "+inf")  # type: ignore[assignment]
         pipe = self.redis.pipeline(transaction=False)
         for worker_id in ids:
-            pipe.hgetall(worker_info_key(worker_id))
-            pipe.zrange(assigned_key(worker_id), 0, -1, withscores=True)
+            pipe.hget(keys.worker(worker_id), "report")
+            pipe.zrange(keys.worker_assigned(worker_id), 0, -1, withscores=True)
         replies = pipe.execute()
         views = []
-        for worker_id, info, assigned in zip(ids, replies[::2], replies[1::2], strict=True):
-            if info:
-                slots = int(info.get("slots", 2))
-                views.append(WorkerView(worker_id, worker_queue(worker_id), dict(assigned), slots, info))
+        for worker_id, report, assigned in zip(ids, replies[::2], replies[1::2], strict=True):
+            if report:
+                views.append(WorkerView(worker_id, dict(assigned), WorkerReport.model_validate_json(report)))
         return views
 
     def lapsed_workers(self) -> list[str]:
-        return list(self.redis.zrangebyscore(WORKERS, "-inf", time.time() - self.lapse_s))  # type: ignore[arg-type]
+        return list(self.redis.zrangebyscore(keys.WORKERS, "-inf", time.time() - self.lapse_s))  # type: ignore[arg-type]
 
     def assigned(self, worker_id: str) -> list[str]:
-        return sorted(self.redis.zrange(assigned_key(worker_id), 0, -1))  # type: ignore[arg-type]
+        return sorted(self.redis.zrange(keys.worker_assigned(worker_id), 0, -1))  # type: ignore[arg-type]
 
-    def release(self, worker_id: str, member: str) -> None:
-        """The worker is done with ``member``: free its slot and wake the dispatcher."""
+    def release(self, worker_id: str, job_id: str) -> None:
+        """The worker is done with ``job_id``: free its slot and wake the dispatcher."""
         pipe = self.redis.pipeline()
-        pipe.zrem(assigned_key(worker_id), member)
-        pipe.lpush(f"{PREFIX}:wake", worker_id)
+        pipe.zrem(keys.worker_assigned(worker_id), job_id)
+        pipe.lpush(keys.WAKE, worker_id)
         pipe.execute()
 
     def retire(self, worker_id: str, reason: str) -> int:
         """Forget a worker and requeue every job handed to it; return how many were requeued."""
-        identity = self.redis.hget(worker_info_key(worker_id), "identity") or worker_id
-        requeued = 0
-        for member in self.assigned(worker_id):
-            requeued += self._requeue(worker_id, member, reason)
-        queue = worker_queue(worker_id)
-        # kombu keeps one list per priority step besides the plain queue name.
-        priority_lists = [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]
-        self.redis.delete(worker_info_key(worker_id), assigned_key(worker_id), queue, *priority_lists)
-        self.redis.zrem(WORKERS, worker_id)
-        if self.redis.hget(IDENTITIES, str(identity)) == worker_id:
-            self.redis.hdel(IDENTITIES, str(identity))
+        report = self.redis.hget(keys.worker(worker_id), "report")
+        identity = WorkerReport.model_validate_json(report).identity if report else worker_id
+        requeued = sum(self._requeue(worker_id, job_id, reason) for job_id in self.assigned(worker_id))
+        self.redis.delete(keys.worker(worker_id), keys.worker_assigned(worker_id), *keys.worker_queue_lists(worker_id))
+        self.redis.zrem(keys.WORKERS, worker_id)
+        if self.redis.hget(keys.IDENTITIES, identity) == worker_id:
+            self.redis.hdel(keys.IDENTITIES, identity)
         return requeued
 
-    def _requeue(self, worker_id: str, member: str, reason: str) -> int:
-        held = [JobState.ASSIGNED, JobState.RUNNING]
-        record = self.state.job(member)
-        if int(record.get("attempt", 0)) >= MAX_ATTEMPTS and record.get("state") == JobState.RUNNING:
+    def _requeue(self, worker_id: str, job_id: str, reason: str) -> int:
+        record = self.state.job(job_id)
+        if record.attempt >= MAX_ATTEMPTS and record.state == JobState.RUNNING:
             message = f"worker lost {MAX_ATTEMPTS} times while rendering this job (last: {reason})"
-            outcome = self.state.transition(
-                member, JobState.FAILED, held, if_worker=worker_id, fields={"error": message}
+            outcome = self.state.move(
+                job_id, Move.ABANDON, JobState.FAILED, if_worker=worker_id, fields={"error": message}
             )
         else:
-            outcome = self.state.transition(member, JobState.PENDING, held, if_worker=worker_id, enqueue=True)
+            outcome = self.state.move(job_id, Move.REQUEUE, JobState.PENDING, if_worker=worker_id)
         return int(outcome.changed)

@@ -9,6 +9,7 @@ from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kleinfarm.shared.jobs import MAX_REFERENCES, check_reference_url, check_side
+from kleinfarm.shared.locators import split_s3_url
 
 
 def parse_cron(expression: str) -> crontab:
@@ -38,7 +39,7 @@ class Schedule(BaseModel):
     @field_validator("source", "output")
     @classmethod
     def _s3_prefix(cls, value: str) -> str:
-        if not value.startswith("s3://") or not value.removeprefix("s3://").split("/", 1)[0]:
+        if not value.startswith("s3://") or not split_s3_url(value)[0]:
             raise ValueError(f"{value!r} must be an s3://bucket/prefix")
         return value
 

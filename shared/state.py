@@ -1,54 +1,29 @@
 """The farm's record of campaigns and jobs, in Redis, so it outlives every process.
 
-Celery's result backend is not the source of truth: a job's state, attempt and worker live here,
-and every change goes through one Lua transition that keeps the campaign's counters exact.
+Celery's result backend is not the source of truth: a job's state, attempt and worker live here
+(keys in ``keys.py``), and every change is a named move of ``states.TRANSITIONS`` carried out by
+one Lua script that keeps the campaign's counters exact.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis
 
-from kleinfarm.shared.errors import CampaignNotFoundError
-from kleinfarm.shared.jobs import JobState
+from kleinfarm.shared import keys
+from kleinfarm.shared.errors import CampaignNotFoundError, JobNotFoundError
+from kleinfarm.shared.records import CampaignStatus, JobRecord, RoutingInfo
+from kleinfarm.shared.states import COUNTED_STATES, JobState, Move, rule_for
 
-PREFIX = "kf"
-PENDING = f"{PREFIX}:pending"
-WAKE = f"{PREFIX}:wake"
-SEQUENCE = f"{PREFIX}:seq"
-CAMPAIGNS = f"{PREFIX}:campaigns"
-ROUTING = f"{PREFIX}:routing"
-COUNTED_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 # Priority dominates the pending order; the sequence number keeps FIFO within one priority.
 PRIORITY_WEIGHT = 1e12
 PIPELINE_CHUNK = 2000
-
-
-def campaign_key(campaign_id: str) -> str:
-    return f"{PREFIX}:campaign:{campaign_id}"
-
-
-def campaign_jobs_key(campaign_id: str) -> str:
-    return f"{PREFIX}:campaign:{campaign_id}:jobs"
-
-
-def job_key(member: str) -> str:
-    """Hash of one job; ``member`` is ``<campaign_id>/<job_id>``."""
-    return f"{PREFIX}:job:{member}"
-
-
-def job_member(campaign_id: str, job_id: str) -> str:
-    return f"{campaign_id}/{job_id}"
-
-
-def campaign_of(member: str) -> str:
-    return member.split("/", 1)[0]
 
 
 def load_script(client: redis.Redis, name: str) -> Any:
@@ -57,88 +32,39 @@ def load_script(client: redis.Redis, name: str) -> Any:
 
 
 @dataclass(frozen=True)
-class Transition:
-    """Outcome of one state change: whether it happened, from what, and open jobs left."""
+class MoveOutcome:
+    """Whether a move happened, from what state, the campaign's open jobs left and the attempt."""
 
     changed: bool
     previous: str
     open_left: int
+    attempt: int = 0
 
     @property
     def closed_campaign(self) -> bool:
         return self.changed and self.open_left == 0
 
-
-@dataclass
-class CampaignStatus:
-    """Counts by state, as ``kleinfarm status`` prints them."""
-
-    campaign_id: str
-    name: str
-    total: int
-    pending: int
-    running: int
-    succeeded: int
-    failed: int
-    cancelled: int
-    cancel_requested: bool = False
-    manifest_key: str | None = None
-    paused: bool = False
-    failed_reason: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        """Every job has ended."""
-        return self.pending + self.running == 0
-
-    @property
-    def done(self) -> bool:
-        """Every job has ended and the manifest is written."""
-        return self.finished and self.manifest_key is not None
-
-    def as_dict(self) -> dict[str, Any]:
-        keys = ("campaign_id", "name", *COUNTS_ORDER, "paused", "failed_reason")
-        return {key: getattr(self, key) for key in keys}
-
-
-COUNTS_ORDER = ("total", "pending", "running", "succeeded", "failed", "cancelled")
-
-
-@dataclass(frozen=True)
-class RoutingInfo:
-    """A job's routing key and cost estimates, kept in one hash the dispatcher reads in one call."""
-
-    route: str | None
-    work_s: float
-    build_s: float
-    priority: int = 0
-
-    def encode(self) -> str:
-        return f"{self.route or ''}|{self.work_s:.4f}|{self.build_s:.4f}|{self.priority}"
-
     @classmethod
-    def decode(cls, text: str) -> RoutingInfo:
-        route, work, build, priority = text.split("|")
-        return cls(route or None, float(work), float(build), int(priority))
+    def from_reply(cls, reply: list[Any]) -> MoveOutcome:
+        return cls(reply[0] == 1, str(reply[1]), int(reply[2]), int(reply[3] or 0))
 
 
 @dataclass
 class NewJob:
-    """A validated job ready to be written: its id, its spec (JSON-able) and what to show."""
+    """A validated job ready to be written: its id in the campaign, its spec and what to show."""
 
-    job_id: str
+    local_id: str
     spec: dict[str, Any]
     routing: RoutingInfo
     fields: dict[str, str] = field(default_factory=dict)
 
 
 class FarmState:
-    """Typed access to the farm's Redis keys."""
+    """Typed access to the farm's campaigns and jobs in Redis."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._transition = load_script(client, "transition.lua")
-        self._assign = load_script(client, "assign.lua")
 
     @classmethod
     def from_url(cls, url: str) -> FarmState:
@@ -148,75 +74,71 @@ class FarmState:
 
     def create_campaign(self, campaign_id: str, meta: dict[str, str], priority: int, jobs: list[NewJob]) -> None:
         """Write a campaign and queue its jobs, pipelined in chunks (no round trip per job)."""
-        first_seq = int(self.redis.incrby(SEQUENCE, len(jobs))) - len(jobs)
+        first_seq = int(self.redis.incrby(keys.SEQUENCE, len(jobs))) - len(jobs)
         counters = {f"n_{state}": 0 for state in COUNTED_STATES}
         header: dict[Any, Any] = {**meta, **counters, "total": len(jobs), "open": len(jobs), "n_pending": len(jobs)}
         header.update(priority=priority, created=time.time(), cancel_requested=0)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(campaign_key(campaign_id), mapping=header)
+        pipe.hset(keys.campaign(campaign_id), mapping=header)
         for chunk_start in range(0, len(jobs), PIPELINE_CHUNK):
             chunk = jobs[chunk_start : chunk_start + PIPELINE_CHUNK]
             scores: dict[str, float] = {}
             for offset, job in enumerate(chunk, start=chunk_start):
-                member = job_member(campaign_id, job.job_id)
+                job_id = keys.job_id(campaign_id, job.local_id)
                 score = -priority * PRIORITY_WEIGHT + first_seq + offset
-                scores[member] = score
+                scores[job_id] = score
                 record: dict[Any, Any] = {**job.fields, "spec": json.dumps(job.spec), "state": "pending", "attempt": 0}
-                pipe.hset(job_key(member), mapping={**record, "score": score, "job_id": job.job_id})
-            pipe.hset(ROUTING, mapping={job_member(campaign_id, job.job_id): job.routing.encode() for job in chunk})
-            pipe.rpush(campaign_jobs_key(campaign_id), *(job.job_id for job in chunk))
-            pipe.zadd(PENDING, scores)
+                pipe.hset(keys.job(job_id), mapping={**record, "score": score, "local_id": job.local_id})
+            pipe.hset(
+                keys.ROUTING, mapping={keys.job_id(campaign_id, job.local_id): job.routing.encode() for job in chunk}
+            )
+            pipe.rpush(keys.campaign_jobs(campaign_id), *(job.local_id for job in chunk))
+            pipe.zadd(keys.PENDING, scores)
             pipe.execute()
-        pipe.zadd(CAMPAIGNS, {campaign_id: time.time()})
-        pipe.lpush(WAKE, campaign_id)
+        pipe.zadd(keys.CAMPAIGNS, {campaign_id: time.time()})
+        pipe.lpush(keys.WAKE, campaign_id)
         pipe.execute()
 
     def campaign_meta(self, campaign_id: str) -> dict[str, str]:
-        meta: dict[str, str] = self.redis.hgetall(campaign_key(campaign_id))  # type: ignore[assignment]
+        meta: dict[str, str] = self.redis.hgetall(keys.campaign(campaign_id))  # type: ignore[assignment]
         if not meta:
             raise CampaignNotFoundError(f"campaign {campaign_id!r} is not known to this farm")
         return meta
 
     def status(self, campaign_id: str) -> CampaignStatus:
-        meta = self.campaign_meta(campaign_id)
-        counts = {state: int(meta.get(f"n_{state}", 0)) for state in COUNTED_STATES}
-        return CampaignStatus(
-            campaign_id=campaign_id,
-            name=meta.get("name", ""),
-            total=int(meta["total"]),
-            cancel_requested=meta.get("cancel_requested") == "1",
-            manifest_key=meta.get("manifest_key"),
-            paused=meta.get("paused") == "1",
-            failed_reason=meta.get("failed_reason") or None,
-            **counts,
-        )
+        return CampaignStatus.from_hash(campaign_id, self.campaign_meta(campaign_id))
+
+    def local_ids(self, campaign_id: str) -> list[str]:
+        return list(self.redis.lrange(keys.campaign_jobs(campaign_id), 0, -1))  # type: ignore[arg-type]
 
     def job_ids(self, campaign_id: str) -> list[str]:
-        return list(self.redis.lrange(campaign_jobs_key(campaign_id), 0, -1))  # type: ignore[arg-type]
+        """The farm-wide ids of the campaign's jobs, in submission order."""
+        return [keys.job_id(campaign_id, local_id) for local_id in self.local_ids(campaign_id)]
 
-    def jobs(self, campaign_id: str) -> Iterator[dict[str, str]]:
+    def jobs(self, campaign_id: str) -> Iterator[JobRecord]:
         """Every job record of a campaign, in submission order, read in pipelined chunks."""
         ids = self.job_ids(campaign_id)
         for start in range(0, len(ids), PIPELINE_CHUNK):
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids[start : start + PIPELINE_CHUNK]:
-                pipe.hgetall(job_key(job_member(campaign_id, job_id)))
-            yield from pipe.execute()
+                pipe.hgetall(keys.job(job_id))
+            for fields in pipe.execute():
+                yield JobRecord.from_hash(campaign_id, fields)
 
     def request_cancel(self, campaign_id: str, reason: str = "campaign cancelled") -> int:
         """Mark the campaign cancelled and cancel its jobs still pending; return how many."""
         self.campaign_meta(campaign_id)
-        self.redis.hset(campaign_key(campaign_id), "cancel_requested", 1)
-        members = [job_member(campaign_id, job_id) for job_id in self.job_ids(campaign_id)]
-        outcomes = self.transition_many(members, JobState.CANCELLED, [JobState.PENDING], {"error": reason})
-        if members:
-            self.redis.zrem(PENDING, *members)
-            self.redis.zrem(campaign_key(campaign_id) + ":held", *members)
+        self.redis.hset(keys.campaign(campaign_id), "cancel_requested", 1)
+        job_ids = self.job_ids(campaign_id)
+        outcomes = self.move_many(job_ids, Move.CANCEL, JobState.CANCELLED, {"error": reason})
+        if job_ids:
+            self.redis.zrem(keys.PENDING, *job_ids)
+            self.redis.zrem(keys.campaign_paused(campaign_id), *job_ids)
         return sum(outcome.changed for outcome in outcomes)
 
     def last_transition_age(self, campaign_id: str) -> float | None:
         """Seconds since a job of the campaign last changed state, by the Redis server's clock."""
-        changed_at = self.redis.hget(campaign_key(campaign_id), "changed_at")
+        changed_at = self.redis.hget(keys.campaign(campaign_id), "changed_at")
         if changed_at is None:
             return None
         seconds, micros = self.redis.time()  # type: ignore[misc]
@@ -224,7 +146,8 @@ class FarmState:
 
     def cancel_reason(self, campaign_id: str) -> str | None:
         """Why the campaign's jobs must stop, or None while they may run."""
-        fields: list[str | None] = self.redis.hmget(campaign_key(campaign_id), ["cancel_requested", "failed_reason"])  # type: ignore[assignment]
+        names = ["cancel_requested", "failed_reason"]
+        fields: list[str | None] = self.redis.hmget(keys.campaign(campaign_id), names)  # type: ignore[assignment]
         requested, failed = fields
         if requested != "1":
             return None
@@ -232,81 +155,92 @@ class FarmState:
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    def job(self, member: str) -> dict[str, str]:
-        return self.redis.hgetall(job_key(member))  # type: ignore[return-value]
+    def job(self, job_id: str) -> JobRecord:
+        fields: dict[str, str] = self.redis.hgetall(keys.job(job_id))  # type: ignore[assignment]
+        if not fields:
+            raise JobNotFoundError(f"job {job_id!r} is not known to this farm")
+        return JobRecord.from_hash(keys.campaign_of(job_id), fields)
 
-    def transition(
+    def move(
         self,
-        member: str,
+        job_id: str,
+        move: Move,
         target: JobState,
-        allowed: Iterable[JobState],
         *,
-        if_attempt: str | None = None,
+        if_attempt: int | None = None,
         if_worker: str | None = None,
-        enqueue: bool = False,
         fields: dict[str, str] | None = None,
-    ) -> Transition:
-        """Move ``member`` to ``target`` if it is in one of ``allowed`` (and held as stated).
+    ) -> MoveOutcome:
+        """Carry out ``move`` to ``target`` if the job is in one of the move's source states.
 
-        ``enqueue`` puts the job back in the pending queue in the same atomic step.
+        ``if_attempt`` / ``if_worker``: only if the job is still that attempt / with that worker.
+        A requeue or retry puts the job back in the queue in the same atomic step.
         """
-        keys, args = self._transition_args(member, target, allowed, if_attempt, if_worker, fields or {}, enqueue)
-        changed, previous, open_left = self._transition(keys=keys, args=args)
-        return Transition(changed == 1, previous, int(open_left))
+        condition = self._condition(job_id, move, target, fields or {})
+        if if_attempt is not None:
+            condition["attempt"] = str(if_attempt)
+        if if_worker is not None:
+            condition["worker"] = if_worker
+        return MoveOutcome.from_reply(self._call(job_id, target, condition))
 
-    def transition_many(
-        self, members: list[str], target: JobState, allowed: Iterable[JobState], fields: dict[str, str]
-    ) -> list[Transition]:
-        allowed = list(allowed)
-        outcomes: list[Transition] = []
-        for start in range(0, len(members), PIPELINE_CHUNK):
+    def move_many(self, job_ids: list[str], move: Move, target: JobState, fields: dict[str, str]) -> list[MoveOutcome]:
+        outcomes: list[MoveOutcome] = []
+        for start in range(0, len(job_ids), PIPELINE_CHUNK):
             pipe = self.redis.pipeline(transaction=False)
-            for member in members[start : start + PIPELINE_CHUNK]:
-                keys, args = self._transition_args(member, target, allowed, None, None, fields, False)
-                self._transition(keys=keys, args=args, client=pipe)
-            outcomes += [Transition(row[0] == 1, row[1], int(row[2])) for row in pipe.execute()]
+            for job_id in job_ids[start : start + PIPELINE_CHUNK]:
+                self._call(job_id, target, self._condition(job_id, move, target, fields), client=pipe)
+            outcomes += [MoveOutcome.from_reply(reply) for reply in pipe.execute()]
         return outcomes
 
+    def assign(self, job_id: str, worker_id: str, estimate_s: float) -> int:
+        """Give a pending job to ``worker_id``; return its new attempt number, 0 if it was taken."""
+        condition = self._condition(job_id, Move.ASSIGN, JobState.ASSIGNED, {})
+        condition.update(dequeue=job_id, assign={"worker": worker_id, "estimate_s": f"{estimate_s:.4f}"})
+        outcome = MoveOutcome.from_reply(self._call(job_id, JobState.ASSIGNED, condition, worker_id=worker_id))
+        return outcome.attempt if outcome.changed else 0
+
+    def reissue(self, job_id: str, attempt: int) -> int:
+        """Give an assigned job a new attempt (its old message is then skipped); 0 if it moved on."""
+        bumped = attempt + 1
+        outcome = self.move(
+            job_id, Move.REISSUE, JobState.ASSIGNED, if_attempt=attempt, fields={"attempt": str(bumped)}
+        )
+        return bumped if outcome.changed else 0
+
     @staticmethod
-    def _transition_args(
-        member: str,
-        target: JobState,
-        allowed: Iterable[JobState],
-        attempt: str | None,
-        worker: str | None,
-        fields: dict[str, str],
-        enqueue: bool,
-    ) -> tuple[list[str], list[str]]:
-        condition: dict[str, Any] = {"from": [str(state) for state in allowed], "set": fields or {}}
-        if enqueue:
-            condition["enqueue"] = member
-        if attempt is not None:
-            condition["attempt"] = attempt
-        if worker is not None:
-            condition["worker"] = worker
-        if not fields:
-            condition.pop("set")  # cjson turns an empty dict into an empty array
-        keys = [job_key(member), campaign_key(campaign_of(member)), PENDING]
-        return keys, [str(target), json.dumps(condition)]
+    def _condition(job_id: str, move: Move, target: JobState, fields: dict[str, str]) -> dict[str, Any]:
+        condition: dict[str, Any] = {"from": sorted(rule_for(move, target).sources)}
+        if fields:  # cjson turns an empty dict into an empty array
+            condition["set"] = fields
+        if target == JobState.PENDING:
+            condition["enqueue"] = job_id
+        return condition
 
-    def assign(self, member: str, worker: str, assigned_set: str, estimate_s: float) -> int:
-        """Give a pending job to ``worker``; return its new attempt number, 0 if it was taken."""
-        keys = [PENDING, job_key(member), assigned_set]
-        return int(self._assign(keys=keys, args=[member, worker, f"{estimate_s:.4f}"]))
+    def _call(
+        self, job_id: str, target: JobState, condition: dict[str, Any], worker_id: str = "", client: Any = None
+    ) -> Any:
+        """Run transition.lua for one job (on ``client``, a pipeline, if given: its reply comes later)."""
+        campaign_id = keys.campaign_of(job_id)
+        script_keys = [
+            keys.job(job_id),
+            keys.campaign(campaign_id),
+            keys.PENDING,
+            keys.campaign_paused(campaign_id),
+            keys.campaign_events(campaign_id),
+            keys.worker_assigned(worker_id) if worker_id else "",
+        ]
+        return self._transition(keys=script_keys, args=[str(target), json.dumps(condition)], client=client)
 
-    def routing(self, members: list[str]) -> list[RoutingInfo | None]:
+    def routing(self, job_ids: list[str]) -> list[RoutingInfo | None]:
         """What the router needs of each job, written at submit."""
-        if not members:
+        if not job_ids:
             return []
-        rows: list[str | None] = self.redis.hmget(ROUTING, members)  # type: ignore[assignment]
+        rows: list[str | None] = self.redis.hmget(keys.ROUTING, job_ids)  # type: ignore[assignment]
         return [RoutingInfo.decode(row) if row else None for row in rows]
 
-    def events_channel(self, campaign_id: str) -> str:
-        """Pub/sub channel on which every job transition of the campaign is announced."""
-        return campaign_key(campaign_id) + ":events"
-
-    def set_progress(self, member: str, step: int, total: int) -> None:
-        self.redis.hset(job_key(member), "progress", f"{step}/{total}")
+    def set_progress(self, job_id: str, step: int, total: int) -> None:
+        self.redis.hset(keys.job(job_id), "progress", f"{step}/{total}")
 
     def wake_dispatcher(self, reason: str) -> None:
-        self.redis.lpush(WAKE, reason)
+        """Tell the dispatcher leader to look at the queue now."""
+        self.redis.lpush(keys.WAKE, reason)

@@ -16,12 +16,6 @@ from kleinfarm.shared.settings import FarmSettings
 MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 
 
-def split_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> ``(bucket, key)``."""
-    bucket, _, key = url.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
 def _error_code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kleinfarm.producer.client import FarmClient
-from kleinfarm.producer.services import RedisServer, S3Server
+from kleinfarm.producer.localfarm.services import RedisServer, S3Server
 from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.storage import Storage
@@ -36,7 +36,7 @@ def s3_server() -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kleinfarm.worker.tiny_model import make_tiny_model
+    from kleinfarm.worker.engine.random_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
@@ -113,8 +113,8 @@ class WorkerPool:
         """Until each process has registered (by its pid) in the farm's worker registry."""
         registry = Registry(FarmClient(settings_from(self.env)).state, lapse_s=3)
         deadline = time.monotonic() + WORKER_START_S
-        wanted = {str(process.pid) for process in processes}
-        while not wanted <= {view.info.get("pid") for view in registry.live_workers()}:
+        wanted = {process.pid for process in processes}
+        while not wanted <= {view.report.pid for view in registry.live_workers()}:
             assert time.monotonic() < deadline, f"workers not live; logs in {self.log_dir}"
             assert all(process.poll() is None for process in processes), f"a worker died; logs in {self.log_dir}"
             time.sleep(0.1)

@@ -25,7 +25,7 @@ SHARED_SETS = [
 
 
 def kv_hits(view: WorkerView) -> int:
-    stats = json.loads(view.info.get("engine", "{}")).get("kv", {}).get("stats", {})
+    stats = view.report.engine.kv.stats
     return int(stats.get("hits_device", 0)) + int(stats.get("hits_host", 0))
 
 
@@ -81,7 +81,7 @@ def test_a_worker_killed_mid_campaign_leaves_every_job_done_exactly_once(
     handle = client.submit(Campaign.from_raw("kill", jobs))
 
     def victim_is_rendering() -> bool:
-        return any(row["state"] == "running" and row["worker"] == victim_id for row in client.state.jobs(handle.id))
+        return any(job.state == "running" and job.worker == victim_id for job in client.state.jobs(handle.id))
 
     wait_for(victim_is_rendering, "the victim to start a job")
     os.kill(victim.pid, signal.SIGKILL)

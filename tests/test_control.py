@@ -8,9 +8,9 @@ import json
 from PIL import Image
 
 from kleinfarm.producer.client import FarmClient
-from kleinfarm.shared.control import BLOCKLIST_THRESHOLD, CampaignControl, held_key
+from kleinfarm.shared import keys
+from kleinfarm.shared.control import BLOCKLIST_THRESHOLD, CampaignControl
 from kleinfarm.shared.jobs import Campaign
-from kleinfarm.shared.state import PENDING, job_member
 from kleinfarm.shared.storage import Storage
 
 from conftest import WorkerPool
@@ -35,9 +35,9 @@ def test_a_paused_campaign_holds_its_queued_jobs_until_resumed(client: FarmClien
     status = paused.status()
     # Only what workers already held when the pause came could run: two slots per worker.
     assert status.succeeded + status.running <= 2 * len(workers.alive())
-    members = {job_member(paused.id, job_id) for job_id in client.state.job_ids(paused.id)}
-    assert not members & set(client.state.redis.zrange(PENDING, 0, -1))
-    assert client.state.redis.zcard(held_key(paused.id)) == status.pending
+    job_ids = set(client.state.job_ids(paused.id))
+    assert not job_ids & set(client.state.redis.zrange(keys.PENDING, 0, -1))
+    assert client.state.redis.zcard(keys.campaign_paused(paused.id)) == status.pending
 
     assert paused.resume() == status.pending
     final = paused.wait(progress=False, timeout=WAIT_S)
@@ -79,4 +79,4 @@ def test_a_worker_failing_a_campaign_repeatedly_is_kept_off_it(client: FarmClien
     control = CampaignControl(client.state)
     verdicts = [control.record_worker_failure("some-campaign", "host-gpu3") for _ in range(BLOCKLIST_THRESHOLD)]
     assert verdicts == [False] * (BLOCKLIST_THRESHOLD - 1) + [True]
-    assert control.blocked({"some-campaign", "other"}) == {"some-campaign": {"host-gpu3"}, "other": set()}
+    assert control.exclusions({"some-campaign", "other"}) == {"some-campaign": frozenset({"host-gpu3"})}

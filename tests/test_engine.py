@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from kleinfarm.shared.refset import content_digest
-from kleinfarm.worker.engine import CacheBudgets, RenderEngine, RenderResult
+from kleinfarm.worker.engine import CacheBudgets, LatentResult, ReferencePlan, RenderEngine
+from kleinfarm.worker.engine.plan import TransformerCall, call_for_step, decide_plan, default_mode
 
 # K/V of one 256x256 reference in the tiny model: 2 layers x (K, V) x 256 tokens x 2 heads x 16 x 4 bytes.
 ONE_REFERENCE_BYTES = 2 * 2 * 256 * 2 * 16 * 4
@@ -51,16 +52,15 @@ def pipeline_latents(
 
 def render(
     engine: RenderEngine, refs: list[Ref], prompt: str, seed: int, size: int = 256, batch: int = 1
-) -> RenderResult:
+) -> LatentResult:
     return engine.render_latents(prompt, seed, size, size, 4, refs, batch_size=batch)
 
 
 def assert_same_as_pipeline(
     engine: RenderEngine, refs: list[Ref], prompt: str, seed: int, expected_kv: str, size: int = 256, batch: int = 1
-) -> RenderResult:
+) -> LatentResult:
     result = render(engine, refs, prompt, seed, size, batch)
     assert result.kv == expected_kv
-    assert result.latents is not None
     assert torch.equal(result.latents, pipeline_latents(engine, refs, prompt, seed, size, batch))
     return result
 
@@ -78,7 +78,7 @@ def test_a_device_tier_hit_built_by_another_job_is_exact(engine: RenderEngine) -
 def test_a_host_tier_hit_after_demotion_is_promoted_and_exact(engine: RenderEngine) -> None:
     render(engine, [A], "first", 1)
     render(engine, [B], "second demotes the first", 2)
-    assert engine.kv_cache.stats.demotions == 1 and len(engine.kv_cache.host_tier.entries) == 1
+    assert engine.kv_cache.stats.demotions == 1 and len(engine.kv_cache.report().host.keys) == 1
     assert_same_as_pipeline(engine, [A], "back from host", 3, expected_kv="host")
     assert engine.kv_cache.stats.hits_host == 1
 
@@ -87,15 +87,16 @@ def test_eviction_under_a_small_budget_drops_the_oldest_and_it_renders_again_exa
     for index, refs in enumerate(([A], [B], [C])):
         render(engine, refs, "fill", index)
     assert engine.kv_cache.stats.evictions == 1
-    assert engine.kv_cache.device_tier.used <= ONE_REFERENCE_BYTES
-    assert engine.kv_cache.host_tier.used <= ONE_REFERENCE_BYTES
+    held = engine.kv_cache.report()
+    assert sum(held.device.keys.values()) <= ONE_REFERENCE_BYTES
+    assert sum(held.host.keys.values()) <= ONE_REFERENCE_BYTES
     assert_same_as_pipeline(engine, [A], "evicted, rebuilt", 4, expected_kv="miss")
 
 
 def test_a_batch_of_two_is_served_from_a_cache_built_at_batch_one(engine: RenderEngine) -> None:
     render(engine, [A], "built at batch one", 1)
     result = render(engine, [A], "two at once", 8, batch=2)
-    assert result.kv == "device" and result.latents is not None and result.latents.shape[0] == 2
+    assert result.kv == "device" and result.latents.shape[0] == 2
     # The pipeline computes the K/V inside a batch-2 GEMM, ours inside a batch-1 GEMM: the same
     # arithmetic blocked differently, so the last float bit may differ (3.6e-7 measured here).
     expected = pipeline_latents(engine, [A], "two at once", 8, batch=2)
@@ -115,8 +116,8 @@ def test_a_generate_job_in_between_leaves_the_cache_intact(engine: RenderEngine)
     built = render(engine, [A], "edit", 1)
     holdings = engine.kv_cache.report()
     assert_same_as_pipeline(engine, [], "no references", 2, expected_kv="none")
-    assert engine.kv_cache.report()["device"] == holdings["device"]
-    assert built.refset in engine.kv_cache.device_tier.entries
+    assert engine.kv_cache.report().device == holdings.device
+    assert built.refset in engine.kv_cache.report().device.keys
     assert_same_as_pipeline(engine, [A], "edit again", 3, expected_kv="device")
 
 
@@ -140,20 +141,20 @@ def test_a_whole_render_decodes_to_the_pipelines_image(engine: RenderEngine) -> 
         generator=torch.Generator("cpu").manual_seed(9),
         text_encoder_out_layers=engine.text_layers,
     ).images[0]
-    assert image is not None and np.array_equal(np.array(image), np.array(expected))
+    assert np.array_equal(np.array(image), np.array(expected))
 
 
 def test_a_checkpoint_without_kv_recomputes_references_and_matches_its_pipeline(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from kleinfarm.worker.tiny_model import make_tiny_model
+    from kleinfarm.worker.engine.random_model import make_tiny_model
 
     folder = make_tiny_model(tmp_path_factory.mktemp("tiny-plain"), kv=False)
     engine = RenderEngine.load(str(folder), "cpu", CacheBudgets(1 << 20, 1 << 20, 1 << 20))
     assert not engine.kv_reuse
     for seed in (1, 2):
         result = render(engine, [A, B], "same prompt", seed)
-        assert result.kv == "recompute" and result.latents is not None
+        assert result.kv == "recompute"
         expected = engine.pipeline(
             image=[A[1], B[1]],
             prompt="same prompt",
@@ -165,12 +166,42 @@ def test_a_checkpoint_without_kv_recomputes_references_and_matches_its_pipeline(
             output_type="latent",
         ).images
         assert torch.equal(result.latents, expected)
-    assert not engine.kv_cache.device_tier.entries
+    assert not engine.kv_cache.held_keys()
     assert engine.prompt_cache.hits == 1
 
 
 def test_per_job_mode_is_what_the_kv_pipeline_does_and_keeps_nothing(engine: RenderEngine) -> None:
     result = engine.render_latents("per job", 3, 256, 256, 4, [A], mode="per_job")
-    assert result.kv == "per_job" and not engine.kv_cache.device_tier.entries
-    assert result.latents is not None
+    assert result.kv == "per_job" and not engine.kv_cache.held_keys()
     assert torch.equal(result.latents, pipeline_latents(engine, [A], "per job", 3))
+
+
+def test_the_reference_plan_is_decided_once_from_references_mode_and_cache() -> None:
+    assert decide_plan(False, default_mode(kv_reuse=True), cache_hit=False) is ReferencePlan.NONE
+    assert decide_plan(True, default_mode(kv_reuse=True), cache_hit=False) is ReferencePlan.EXTRACT_THEN_CACHED
+    assert decide_plan(True, default_mode(kv_reuse=True), cache_hit=True) is ReferencePlan.CACHED
+    assert decide_plan(True, default_mode(kv_reuse=False), cache_hit=False) is ReferencePlan.CARRY
+    # The benchmark's baselines: per_job extracts every job (it never looks in the cache), recompute carries.
+    assert decide_plan(True, "per_job", cache_hit=False) is ReferencePlan.EXTRACT_THEN_CACHED
+    assert decide_plan(True, "recompute", cache_hit=True) is ReferencePlan.CARRY
+
+
+def test_each_plan_gives_each_step_its_transformer_call() -> None:
+    def calls(plan: ReferencePlan) -> list[TransformerCall]:
+        return [call_for_step(plan, step) for step in range(4)]
+
+    assert calls(ReferencePlan.NONE) == [TransformerCall.PLAIN] * 4
+    assert calls(ReferencePlan.CARRY) == [TransformerCall.CARRY] * 4
+    assert calls(ReferencePlan.EXTRACT_THEN_CACHED) == [TransformerCall.EXTRACT] + [TransformerCall.CACHED] * 3
+    assert calls(ReferencePlan.CACHED) == [TransformerCall.CACHED] * 4
+
+
+def test_a_whole_render_returns_an_image_result_with_the_latent_timings_and_decode(engine: RenderEngine) -> None:
+    from kleinfarm.shared.jobs import GenerateJob
+
+    result = engine.render(GenerateJob(prompt="typed", width=256, height=256, seed=1), [])
+    assert isinstance(result.image, Image.Image) and result.image.size == (256, 256)
+    assert (result.refset, result.kv) == (None, "none")
+    assert set(result.timings) == {"prompt_s", "setup_s", "denoise_s", "total_s", "decode_s"}
+    report = engine.report()
+    assert report.prompts.misses == 1 and report.kv.device.budget == ONE_REFERENCE_BYTES

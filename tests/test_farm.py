@@ -12,9 +12,9 @@ from celery import Celery
 from PIL import Image
 
 from kleinfarm.producer.client import FarmClient
+from kleinfarm.shared import keys
 from kleinfarm.shared.jobs import Campaign
-from kleinfarm.shared.registry import Registry
-from kleinfarm.shared.state import PENDING
+from kleinfarm.shared.registry import Registry, WorkerView
 from kleinfarm.shared.storage import Storage
 
 from conftest import TEST_PIXEL_LIMIT, WorkerPool
@@ -85,14 +85,14 @@ def test_edit_jobs_sharing_references_are_served_from_the_workers_kv_cache(
     # What the workers publish of their caches names the set, with its bytes.
     refset = lines[0]["refset"]
     deadline = time.monotonic() + 30
-    while not any(refset in published_kv_keys(view.info) for view in Registry(client.state, 3).live_workers()):
+    while not any(refset in published_kv_keys(view) for view in Registry(client.state, 3).live_workers()):
         assert time.monotonic() < deadline, "no worker published the reference set it holds"
         time.sleep(0.2)
 
 
-def published_kv_keys(info: dict[str, str]) -> dict[str, int]:
-    kv = json.loads(info.get("engine", "{}")).get("kv", {})
-    return {**kv.get("device", {}).get("keys", {}), **kv.get("host", {}).get("keys", {})}
+def published_kv_keys(view: WorkerView) -> dict[str, int]:
+    kv = view.report.engine.kv
+    return {**kv.device.keys, **kv.host.keys}
 
 
 def test_the_same_seed_gives_the_same_image(client: FarmClient, storage: Storage, workers: WorkerPool) -> None:
@@ -171,8 +171,8 @@ def test_cancel_drops_queued_jobs_and_the_farm_goes_on(
     assert dropped > 0 and status.done and status.cancelled >= dropped
     assert status.succeeded + status.cancelled == 30 and status.failed == 0
     assert status.cancelled >= 30 - 2 * len(workers.alive())  # each worker held at most two jobs
-    members = client.state.redis.zrange(PENDING, 0, -1)
-    assert not [member for member in members if str(member).startswith(handle.id)]
+    queued = client.state.redis.zrange(keys.PENDING, 0, -1)
+    assert not [job_id for job_id in queued if str(job_id).startswith(handle.id)]
     manifest = storage.get(f"kleinfarm/{handle.id}/manifest.jsonl").decode().splitlines()
     assert len(manifest) == 30
 

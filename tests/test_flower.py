@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kleinfarm.producer.client import FarmClient
-from kleinfarm.producer.services import free_port
+from kleinfarm.producer.localfarm.services import free_port
 from kleinfarm.shared.jobs import Campaign
 
 from conftest import WorkerPool

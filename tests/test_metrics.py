@@ -20,7 +20,7 @@ def scrape(client: FarmClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     """Every live worker's samples, summed over workers."""
     totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for view in Registry(client.state, lapse_s=3).live_workers():
-        port = view.info["metrics_port"]
+        port = view.report.metrics_port
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

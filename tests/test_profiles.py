@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kleinfarm.shared.errors import ConfigError
-from kleinfarm.worker.profiles import GIB, kv_bytes, profile_for_card
+from kleinfarm.shared.klein import GIB, kv_bytes
+from kleinfarm.worker.engine.profiles import profile_for_card
 
 HOST = 128 * GIB
 

@@ -1,26 +1,44 @@
-"""The routing policy as pure logic, and the simulator that runs it."""
+"""The routing policies as pure logic, behind one interface, and the simulator that runs them."""
 
 from __future__ import annotations
 
-from kleinfarm.producer.bench_routing import bursty_trace, lower_bound, zipf_trace
-from kleinfarm.producer.simulator import LateBindingSim, round_robin, simulate_push, trace_jobs
+import random
+
+import pytest
+
+from kleinfarm.producer.bench.routing import lower_bound
+from kleinfarm.producer.bench.simulator import LateBindingSim, simulate_push, trace_jobs
+from kleinfarm.producer.bench.traces import bursty_trace, zipf_trace
 from kleinfarm.shared.costmodel import CostModel
 from kleinfarm.shared.routing import (
+    POLICIES,
+    AffinityPolicy,
+    Decision,
     Owners,
     PendingIndex,
     PendingJob,
+    Policy,
+    Round,
+    RoundRobinPolicy,
     Take,
     WorkerState,
-    assign_round,
     choose_route,
     desired_holders,
+    policy_by_name,
 )
 
 GIB = 1024**3
 
 
-def job(member: str, route: str | None, work: float = 1.0, build: float = 1.0, priority: int = 0) -> PendingJob:
-    return PendingJob(member, route, work, build, priority)
+def job(
+    job_id: str,
+    route: str | None,
+    work: float = 1.0,
+    build: float = 1.0,
+    priority: int = 0,
+    campaign: str | None = None,
+) -> PendingJob:
+    return PendingJob(job_id, route, work, build, priority, campaign)
 
 
 def worker(name: str, holds: set[str] | None = None, queued: float = 0.0, slots: int = 2) -> WorkerState:
@@ -66,8 +84,9 @@ def test_a_burst_before_any_cache_exists_already_groups_by_reference_set() -> No
     workers = [worker(f"w{i}") for i in range(8)]
     holders: dict[str, int] = {}
     handed: dict[str, set[str]] = {}
+    policy = AffinityPolicy()
     while pending:
-        for decision in assign_round(pending, workers, holders):
+        for decision in policy.assign(Round(pending, workers, holders)):
             handed.setdefault(str(decision.job.route), set()).add(decision.worker.worker_id)
         for state in workers:  # every worker finishes what it held; its cache keeps the sets
             state.free_slots, state.queued_s = 2, 0.0
@@ -80,7 +99,7 @@ def test_a_burst_before_any_cache_exists_already_groups_by_reference_set() -> No
 def test_a_worker_over_the_load_cap_takes_nothing_until_the_others_catch_up() -> None:
     pending = PendingIndex([job("1", None), job("2", None)])
     busy, idle = worker("busy", queued=10.0, slots=1), worker("idle", queued=0.0, slots=2)
-    decisions = assign_round(pending, [busy, idle], {})
+    decisions = AffinityPolicy().assign(Round(pending, [busy, idle], {}))
     assert [decision.worker.worker_id for decision in decisions] == ["idle", "idle"]
 
 
@@ -93,9 +112,128 @@ def test_every_simulated_job_runs_once_after_it_arrives() -> None:
     costs = CostModel()
     for rows in (zipf_trace(1.1, 2000, 8, 1, costs), bursty_trace(2000, 8, 1, costs)):
         jobs = trace_jobs(rows, costs)
-        for outcome in (LateBindingSim(jobs, 8, 32 * GIB).run(), simulate_push(jobs, 8, 32 * GIB, round_robin())):
+        for outcome in (LateBindingSim(jobs, 8, 32 * GIB).run(), simulate_push(jobs, 8, 32 * GIB, RoundRobinPolicy())):
             assert all(outcome.start[j.index] >= j.arrival_s for j in jobs)
             assert all(outcome.finish[j.index] > outcome.start[j.index] for j in jobs)
             assert max(outcome.finish) >= lower_bound(jobs, 8)
             work = sum(j.work_s + (0 if outcome.hit[j.index] else j.build_s) for j in jobs)
             assert abs(sum(outcome.busy) - work) < 1e-6 * work
+
+
+def test_a_blocked_campaign_at_the_head_does_not_stop_another_campaigns_job_in_the_same_round() -> None:
+    # The worker holds the blocked campaign's set, which it would otherwise take first.
+    pending = PendingIndex(
+        [job("b1", "a", campaign="blocked"), job("b2", "a", campaign="blocked"), job("o1", "b", campaign="open")]
+    )
+    kept_off = worker("w", holds={"a"}, slots=1)
+    round = Round(pending, [kept_off], {"a": 1}, exclusions={"blocked": frozenset({"w"})})
+    decisions = AffinityPolicy().assign(round)
+    assert [(d.worker.worker_id, d.job.job_id) for d in decisions] == [("w", "o1")]
+    assert kept_off.free_slots == 0
+    assert [pending_job.job_id for pending_job in pending.jobs()] == ["b1", "b2"]
+    assert pending.total_s == pytest.approx(2.0)
+
+
+def test_a_worker_kept_off_a_campaign_leaves_its_jobs_to_the_others() -> None:
+    pending = PendingIndex([job(f"b{i}", "a", campaign="blocked") for i in range(3)] + [job("o1", None, campaign="o")])
+    workers = [worker("kept-off", slots=2), worker("free", queued=0.5, slots=2)]
+    decisions = AffinityPolicy().assign(Round(pending, workers, {}, exclusions={"blocked": frozenset({"kept-off"})}))
+    # The kept-off worker takes the one job it may; its second slot stays free, not spent on nothing.
+    assert [(d.worker.worker_id, d.job.job_id) for d in decisions] == [("kept-off", "o1"), ("free", "b0")]
+    assert workers[0].free_slots == 1
+
+
+def random_round(seed: int) -> tuple[Round, dict[str, int]]:
+    """A round of 40 jobs over 4 campaigns and 6 workers, some full, some kept off some campaigns."""
+    rng = random.Random(seed)
+    jobs = [
+        job(
+            f"j{i}",
+            rng.choice([None, "a", "b", "c", "d"]),
+            rng.uniform(0.5, 2),
+            rng.uniform(0, 3),
+            rng.choice([0, 0, 1]),
+            rng.choice(["c0", "c1", "c2", "c3"]),
+        )
+        for i in range(40)
+    ]
+    workers = [
+        worker(
+            f"w{i}",
+            holds=set(rng.sample(["a", "b", "c", "d"], rng.randint(0, 2))),
+            queued=rng.uniform(0, 4),
+            slots=rng.choice([0, 1, 2]),
+        )
+        for i in range(6)
+    ]
+    holders: dict[str, int] = {}
+    for state in workers:
+        for route in state.holds:
+            holders[route] = holders.get(route, 0) + 1
+    exclusions = {f"c{i}": frozenset(rng.sample([f"w{k}" for k in range(6)], rng.randint(0, 4))) for i in range(3)}
+    slots = {state.worker_id: state.free_slots for state in workers}
+    return Round(PendingIndex(jobs), workers, holders, exclusions=exclusions), slots
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_no_policy_hands_a_worker_a_job_of_a_campaign_that_excludes_it(name: str) -> None:
+    policy = policy_by_name(name)
+    handed = 0
+    for seed in range(30):
+        round, _ = random_round(seed)
+        for decision in policy.assign(round):
+            assert decision.worker.identity not in round.exclusions.get(str(decision.job.campaign), frozenset())
+            handed += 1
+    assert handed > 30  # the check was not vacuous
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_policy_implements_the_interface_and_fills_only_free_slots(name: str) -> None:
+    policy = policy_by_name(name)
+    assert isinstance(policy, Policy)
+    assert type(policy).name == name
+    for seed in range(30):
+        round, slots = random_round(seed)
+        jobs_before = {id(pending_job) for pending_job in round.pending.jobs()}
+        decisions = policy.assign(round)
+        assert all(isinstance(decision, Decision) for decision in decisions)
+        taken: dict[str, int] = {}
+        for decision in decisions:
+            taken[decision.worker.worker_id] = taken.get(decision.worker.worker_id, 0) + 1
+        assert all(count <= slots[worker_id] for worker_id, count in taken.items())
+        assert all(
+            state.free_slots == slots[state.worker_id] - taken.get(state.worker_id, 0) for state in round.workers
+        )
+        # Each job handed once, and taken out of the pending index.
+        handed = [id(decision.job) for decision in decisions]
+        assert len(set(handed)) == len(handed)
+        assert set(handed) <= jobs_before
+        assert {id(pending_job) for pending_job in round.pending.jobs()} == jobs_before - set(handed)
+        assert len(round.pending) == len(jobs_before) - len(handed)
+        remaining = list(round.pending.jobs())
+        assert round.pending.total_s == pytest.approx(sum(pending_job.work_s for pending_job in remaining))
+        assert sum(len(queue) for queue in round.pending.queues.values()) == len(remaining)
+
+
+def test_an_unknown_policy_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="round_robin"):
+        policy_by_name("fastest")
+
+
+def test_the_pending_index_copy_without_some_campaigns_keeps_the_order() -> None:
+    pending = PendingIndex(
+        [job("1", "a", campaign="x"), job("2", "b", campaign="y"), job("3", "a", campaign="y"), job("4", None)]
+    )
+    pending.pop("a")  # route "a" keeps its place though its oldest job is gone
+    copy = pending.excluding(frozenset({"x"}))
+    assert list(copy.queues) == list(pending.queues) == ["a", "b", None]
+    assert [pending_job.job_id for pending_job in copy.jobs()] == ["2", "3", "4"]
+    without_y = pending.excluding(frozenset({"y"}))
+    assert list(without_y.queues) == [None]
+    middle = next(pending_job for pending_job in pending.jobs() if pending_job.job_id == "3")
+    pending.add(job("5", "a"))
+    with pytest.raises(KeyError):
+        pending.remove(job("5", "a"))  # an equal job, but not the one pending: jobs go by identity
+    pending.remove(middle)
+    assert [pending_job.job_id for pending_job in pending.jobs()] == ["2", "4", "5"]
+    assert pending.backlog_s["a"] == pytest.approx(1.0)

@@ -8,7 +8,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kleinfarm.shared.registry import Registry, worker_queue
+from kleinfarm.shared import keys
+from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.state import FarmState
 from kleinfarm.shared.storage import Storage
@@ -48,13 +49,12 @@ class WorkerContext:
 
     def held_routes(self) -> list[str]:
         """Routing keys whose reference K/V this worker holds now, in either tier."""
-        cache = self.engine.kv_cache
-        held = set(cache.device_tier.entries) | set(cache.host_tier.entries)
+        held = self.engine.kv_cache.held_keys()
         return sorted(route for route, refset in self.routes.items() if refset in held)
 
     @property
     def queue(self) -> str:
-        return worker_queue(self.worker_id)
+        return keys.worker_queue(self.worker_id)
 
     @classmethod
     def build(cls, settings: FarmSettings, engine: RenderEngine, identity: str) -> WorkerContext:

@@ -12,87 +12,84 @@ from typing import Any
 from PIL import PngImagePlugin
 from pydantic import TypeAdapter
 
+from kleinfarm.shared import keys
 from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.errors import JobCancelledError, KleinfarmError
-from kleinfarm.shared.jobs import EditJob, GenerateJob, Job, JobState
+from kleinfarm.shared.jobs import EditJob, GenerateJob, Job
 from kleinfarm.shared.manifest import output_key, write_manifest
-from kleinfarm.shared.state import campaign_key, campaign_of
+from kleinfarm.shared.records import JobRecord
+from kleinfarm.shared.states import JobState, Move
 from kleinfarm.worker.context import WorkerContext
-from kleinfarm.worker.engine import RenderResult
+from kleinfarm.worker.engine import ImageResult
 
 log = logging.getLogger(__name__)
 JOB_ADAPTER: TypeAdapter[GenerateJob | EditJob] = TypeAdapter(Job)
 EventSender = Callable[..., Any]
-HELD = [JobState.RUNNING]
+ASCII_PROMPT_CHARS = 1000
+ASCII_MODEL_CHARS = 200
 
 
-def run_job(context: WorkerContext, member: str, attempt: int, send_event: EventSender) -> str:
-    """Run ``member`` if this delivery still holds it; return the job's final state."""
+def run_job(context: WorkerContext, job_id: str, attempt: int, send_event: EventSender) -> str:
+    """Run ``job_id`` if this delivery still holds its attempt; return the job's final state."""
     state, worker, started = context.state, context.worker_id, time.time()
-    claim = state.transition(
-        member,
-        JobState.RUNNING,
-        [JobState.ASSIGNED],
-        if_attempt=str(attempt),
-        if_worker=worker,
-        fields={"started": str(started)},
+    claim = state.move(
+        job_id, Move.CLAIM, JobState.RUNNING, if_attempt=attempt, if_worker=worker, fields={"started": str(started)}
     )
     if not claim.changed:
         # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
-        log.info("skipping %s attempt %s: it is %s", member, attempt, claim.previous or "unknown")
+        log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.previous or "unknown")
         return claim.previous
     if context.metrics is not None:
-        submitted = state.redis.hget(campaign_key(campaign_of(member)), "created")
+        submitted = state.redis.hget(keys.campaign(keys.campaign_of(job_id)), "created")
         context.metrics.job_started(started - float(str(submitted)) if submitted else None)
     try:
-        final, fields, worker_fault = _execute(context, member, send_event)
-        return _finish(context, member, attempt, final, fields, worker_fault)
+        final, fields, worker_fault = _execute(context, job_id, send_event)
+        return _finish(context, job_id, attempt, final, fields, worker_fault)
     finally:
-        context.registry.release(worker, member)
+        context.registry.release(worker, job_id)
 
 
-def _execute(context: WorkerContext, member: str, send_event: EventSender) -> tuple[JobState, dict[str, str], bool]:
+def _execute(context: WorkerContext, job_id: str, send_event: EventSender) -> tuple[JobState, dict[str, str], bool]:
     """Run the job; return its final state, the fields to record, and whether the worker is at fault."""
-    campaign_id = campaign_of(member)
     try:
-        if reason := context.state.cancel_reason(campaign_id):
+        if reason := context.state.cancel_reason(keys.campaign_of(job_id)):
             raise JobCancelledError(reason)
-        record = context.state.job(member)
-        job = JOB_ADAPTER.validate_json(record["spec"])
-        fields = _render_and_store(context, member, job, record.get("route"), send_event)
+        record = context.state.job(job_id)
+        job = JOB_ADAPTER.validate_python(record.spec)
+        fields = _render_and_store(context, record, job, send_event)
         return JobState.SUCCEEDED, fields, False
     except JobCancelledError as error:
         return JobState.CANCELLED, {"error": str(error)}, False
     except KleinfarmError as error:
         return JobState.FAILED, {"error": str(error)}, False
     except Exception as error:  # one bad job must not take the worker down; the worker may be at fault
-        log.exception("job %s failed unexpectedly", member)
+        log.exception("job %s failed unexpectedly", job_id)
         return JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}, True
 
 
 def _render_and_store(
-    context: WorkerContext, member: str, job: GenerateJob | EditJob, route: str | None, send_event: EventSender
+    context: WorkerContext, record: JobRecord, job: GenerateJob | EditJob, send_event: EventSender
 ) -> dict[str, str]:
-    campaign_id = campaign_of(member)
+    job_id, campaign_id = record.job_id, record.campaign_id
     fetch_started = time.perf_counter()
     references = [context.fetcher.fetch(url) for url in getattr(job, "references", [])]
     fetch_s = time.perf_counter() - fetch_started
 
     def on_step(done: int, total: int) -> None:
-        context.state.set_progress(member, done, total)
-        send_event("task-progress", job=member, step=done, total=total)
+        context.state.set_progress(job_id, done, total)
+        send_event("task-progress", job=job_id, step=done, total=total)
         if done < total and (reason := context.state.cancel_reason(campaign_id)):
             raise JobCancelledError(f"{reason} (stopped at step {done} of {total})")
 
     result = context.engine.render(job, [(ref.digest, ref.image) for ref in references], on_step)
     fields = {"refset": result.refset, "kv": result.kv} if result.refset else {}
-    if result.refset and route:
-        context.routes[route] = result.refset
+    if result.refset and record.route:
+        context.routes[record.route] = result.refset
     result.timings["fetch_s"] = round(fetch_s, 4)
     meta = context.state.campaign_meta(campaign_id)
-    key = output_key(meta["output_prefix"], campaign_id, member.split("/", 1)[1])
+    key = output_key(meta["output_prefix"], campaign_id, record.local_id)
     upload_started = time.perf_counter()
-    wrote = context.storage.put_if_absent(key, *_png(context, member, job, result))
+    wrote = context.storage.put_if_absent(key, *_png(context, job_id, job, result))
     result.timings["upload_s"] = round(time.perf_counter() - upload_started, 4)
     if not wrote:
         log.info("%s already in storage: an earlier attempt wrote it; not writing it twice", key)
@@ -100,13 +97,11 @@ def _render_and_store(
 
 
 def _png(
-    context: WorkerContext, member: str, job: GenerateJob | EditJob, result: RenderResult
+    context: WorkerContext, job_id: str, job: GenerateJob | EditJob, result: ImageResult
 ) -> tuple[bytes, str, dict[str, str]]:
     """PNG bytes carrying the full record; S3 metadata carries an ASCII subset."""
-    assert result.image is not None
-    refset = result.refset
     record = {
-        "job": member,
+        "job": job_id,
         "prompt": job.prompt,
         "seed": job.seed,
         "width": job.width,
@@ -114,7 +109,7 @@ def _png(
         "steps": job.steps,
         "model": context.engine.model,
         "references": getattr(job, "references", []),
-        "refset": refset,
+        "refset": result.refset,
         "kv": result.kv,
         "timings": result.timings,
     }
@@ -123,36 +118,41 @@ def _png(
     buffer = io.BytesIO()
     result.image.save(buffer, format="PNG", pnginfo=info)
     ascii_meta = {
-        "job": member,
+        "job": job_id,
         "seed": str(job.seed),
         "size": f"{job.width}x{job.height}",
-        "model": context.engine.model.encode("ascii", "replace").decode()[:200],
-        "refset": refset or "",
-        "prompt": job.prompt.encode("ascii", "replace").decode()[:1000],
+        "model": _ascii(context.engine.model, ASCII_MODEL_CHARS),
+        "refset": result.refset or "",
+        "prompt": _ascii(job.prompt, ASCII_PROMPT_CHARS),
         "render-s": str(result.timings.get("render_s", "")),
     }
     return buffer.getvalue(), "image/png", ascii_meta
 
 
+def _ascii(text: str, limit: int) -> str:
+    return text.encode("ascii", "replace").decode()[:limit]
+
+
 def _finish(
-    context: WorkerContext, member: str, attempt: int, final: JobState, fields: dict[str, str], worker_fault: bool
+    context: WorkerContext, job_id: str, attempt: int, final: JobState, fields: dict[str, str], worker_fault: bool
 ) -> str:
     fields["finished"] = str(time.time())
-    outcome = context.state.transition(
-        member, final, HELD, if_attempt=str(attempt), if_worker=context.worker_id, fields=fields
+    outcome = context.state.move(
+        job_id, Move.FINISH, final, if_attempt=attempt, if_worker=context.worker_id, fields=fields
     )
     if not outcome.changed:
-        log.warning("%s was taken from this worker while it ran (now %s)", member, outcome.previous)
+        log.warning("%s was taken from this worker while it ran (now %s)", job_id, outcome.previous)
         return outcome.previous
     context.counters[str(final)] = context.counters.get(str(final), 0) + 1
     if context.metrics is not None:
         context.metrics.job_ended(str(final), json.loads(fields.get("timings", "{}")).get("total_s"))
+    campaign_id = keys.campaign_of(job_id)
     if final == JobState.FAILED:
         control = CampaignControl(context.state)
-        if worker_fault and control.record_worker_failure(campaign_of(member), context.identity):
-            log.warning("%s keeps failing campaign %s: kept off it", context.identity, campaign_of(member))
-        control.fail_if_over_limit(campaign_of(member))
+        if worker_fault and control.record_worker_failure(campaign_id, context.identity):
+            log.warning("%s keeps failing campaign %s: kept off it", context.identity, campaign_id)
+        control.fail_if_over_limit(campaign_id)
     if outcome.closed_campaign:
-        write_manifest(context.state, context.storage, campaign_of(member))
-    log.info("%s %s%s", member, final, f": {fields['error']}" if "error" in fields else "")
+        write_manifest(context.state, context.storage, campaign_id)
+    log.info("%s %s%s", job_id, final, f": {fields['error']}" if "error" in fields else "")
     return str(final)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from kleinfarm.shared.settings import FarmSettings
 
 if TYPE_CHECKING:
-    from kleinfarm.worker.context import WorkerContext
     from kleinfarm.worker.engine import CacheBudgets
 
 log = logging.getLogger(__name__)
@@ -34,11 +33,12 @@ def run_worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # Imported only now: torch must not initialise CUDA before the card is pinned.
+    from kleinfarm.shared.broker import make_celery
     from kleinfarm.worker import context
-    from kleinfarm.worker.celery_app import make_celery
     from kleinfarm.worker.context import WorkerContext, default_identity
-    from kleinfarm.worker.dispatcher import Dispatcher
     from kleinfarm.worker.engine import RenderEngine
+    from kleinfarm.worker.farm.dispatcher import Dispatcher
+    from kleinfarm.worker.farm.heartbeat import beat_until
     from kleinfarm.worker.tasks import register_tasks
 
     engine = RenderEngine.load(
@@ -57,7 +57,7 @@ def run_worker(
     dispatcher = Dispatcher(app, ctx.state, ctx.registry, settings.heartbeat_s)
     stop = threading.Event()
     threads = [
-        threading.Thread(target=_heartbeat, args=(ctx, stop), name="heartbeat", daemon=True),
+        threading.Thread(target=beat_until, args=(ctx, stop), name="heartbeat", daemon=True),
         threading.Thread(target=dispatcher.run_forever, name="dispatcher", daemon=True),
     ]
     for thread in threads:
@@ -96,28 +96,3 @@ def budgets_from(settings: FarmSettings) -> CacheBudgets | None:
         return None
     device, host, prompts = (int(size or 0) << 20 for size in sizes)
     return CacheBudgets(kv_device=device, kv_host=host, prompts=prompts)
-
-
-def _heartbeat(ctx: WorkerContext, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            ctx.registry.heartbeat(ctx.worker_id, _worker_info(ctx))
-        except Exception:  # a dead heartbeat thread would get a working worker reaped
-            log.exception("heartbeat failed; retrying")
-        stop.wait(ctx.settings.heartbeat_s)
-
-
-def _worker_info(ctx: WorkerContext) -> dict[str, object]:
-    return {
-        "queue": ctx.queue,
-        "identity": ctx.identity,
-        "metrics_port": "" if ctx.metrics_port is None else str(ctx.metrics_port),
-        "routes": ctx.held_routes(),
-        "gpu": "" if ctx.settings.gpu is None else str(ctx.settings.gpu),
-        "device": str(ctx.engine.device),
-        "model": ctx.engine.model,
-        "slots": str(ctx.settings.worker_slots),
-        "pid": str(os.getpid()),
-        "counters": ctx.counters,
-        "engine": ctx.engine.report(),
-    }

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from kleinfarm.shared.records import EngineReport
 
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -15,25 +16,25 @@ SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600, 1800, 
 class CacheCollector(Collector):
     """Reads the engine's cache report at scrape time, so the figures are never stale."""
 
-    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, report: Callable[[], EngineReport]) -> None:
         self.report = report
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        kv = self.report()["kv"]
-        stats = kv["stats"]
+        engine = self.report()
+        kv, stats = engine.kv, engine.kv.stats
         events = GaugeMetricFamily("kleinfarm_kv_cache_events", "Reference K/V cache events", labels=["event"])
         for event in ("hits_device", "hits_host", "misses", "demotions", "evictions"):
             events.add_metric([event], float(stats.get(event, 0)))
         yield events
         held = GaugeMetricFamily("kleinfarm_kv_cache_bytes", "Bytes of reference K/V held", labels=["tier"])
         budget = GaugeMetricFamily("kleinfarm_kv_cache_budget_bytes", "Byte budget of each tier", labels=["tier"])
-        for tier in ("device", "host"):
-            held.add_metric([tier], float(sum(kv[tier]["keys"].values())))
-            budget.add_metric([tier], float(kv[tier]["budget"]))
+        for name, tier in (("device", kv.device), ("host", kv.host)):
+            held.add_metric([name], float(sum(tier.keys.values())))
+            budget.add_metric([name], float(tier.budget))
         yield held
         yield budget
         memory = GaugeMetricFamily("kleinfarm_memory_bytes", "Memory in use by the worker", labels=["kind"])
-        for kind, value in self.report().get("memory", {}).items():
+        for kind, value in engine.memory.items():
             memory.add_metric([kind], float(value))
         yield memory
 
@@ -41,7 +42,7 @@ class CacheCollector(Collector):
 class WorkerMetrics:
     """The worker's own registry, served on ``port`` (0 picks a free one)."""
 
-    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, report: Callable[[], EngineReport]) -> None:
         self.registry = CollectorRegistry()
         self.jobs = Counter("kleinfarm_jobs", "Jobs this worker ended, by state", ["state"], registry=self.registry)
         self.render_seconds = Histogram(

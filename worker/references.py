@@ -19,13 +19,13 @@ from kleinfarm.shared.errors import (
     ReferenceTooLargeError,
     UnsupportedSchemeError,
 )
+from kleinfarm.shared.jobs import MAX_REFERENCE_ASPECT, MIN_REFERENCE_SIDE
+from kleinfarm.shared.locators import Locator, LocatorKind, parse_locator
 from kleinfarm.shared.refset import content_digest
 from kleinfarm.shared.settings import FarmSettings
-from kleinfarm.shared.storage import Storage, split_s3_url
+from kleinfarm.shared.storage import Storage
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
-MIN_SIDE = 64  # diffusers' Flux2ImageProcessor.check_image_input refuses smaller
-MAX_ASPECT = 8
 HTTP_TIMEOUT_S = 30
 
 
@@ -72,10 +72,10 @@ class ReferenceFetcher:
                 f"reference {url} is {width}x{height} = {width * height} pixels: "
                 f"the limit is {self.max_pixels} (KLEINFARM_REFERENCE_MAX_PIXELS)"
             )
-        if min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
+        if min(width, height) < MIN_REFERENCE_SIDE or max(width, height) > MAX_REFERENCE_ASPECT * min(width, height):
             raise ReferenceInvalidError(
-                f"reference {url} is {width}x{height}: sides must be at least {MIN_SIDE} px "
-                f"and the aspect ratio at most {MAX_ASPECT}:1"
+                f"reference {url} is {width}x{height}: sides must be at least {MIN_REFERENCE_SIDE} px "
+                f"and the aspect ratio at most {MAX_REFERENCE_ASPECT}:1"
             )
         try:
             image.load()
@@ -84,14 +84,15 @@ class ReferenceFetcher:
         return image.convert("RGB")
 
     def _read(self, url: str) -> bytes:
-        scheme, sep, _ = url.partition("://")
-        if not sep or scheme == "file":
-            return self._read_local(Path(url.removeprefix("file://")))
-        if scheme == "s3":
-            return self._read_s3(url)
-        if scheme == "https":
+        try:
+            locator = parse_locator(url)
+        except ValueError as error:
+            raise UnsupportedSchemeError(str(error)) from error
+        if locator.kind == LocatorKind.S3:
+            return self._read_s3(locator)
+        if locator.kind == LocatorKind.HTTPS:
             return self._read_https(url)
-        raise UnsupportedSchemeError(f"reference {url!r}: only s3://, https:// and local paths are supported")
+        return self._read_local(locator.path)
 
     def _limit(self, url: str, data: bytes) -> bytes:
         if len(data) > self.max_bytes:
@@ -111,9 +112,9 @@ class ReferenceFetcher:
             raise self._too_many_bytes(str(path))
         return path.read_bytes()
 
-    def _read_s3(self, url: str) -> bytes:
+    def _read_s3(self, locator: Locator) -> bytes:
         """Skip the download when the object's ETag says we already hold its bytes."""
-        bucket, key = split_s3_url(url)
+        url, bucket, key = locator.text, locator.bucket, locator.key
         etag = self.storage.etag(key, bucket=bucket)
         index = self.cache_dir / "s3" / hashlib.sha256(f"{bucket}/{key}@{etag}".encode()).hexdigest()
         if index.is_file():

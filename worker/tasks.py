@@ -6,10 +6,10 @@ from typing import Any
 
 from celery import Celery, Task
 
+from kleinfarm.shared.broker import EDIT_TASK, GENERATE_TASK
 from kleinfarm.shared.errors import JobFailedError
-from kleinfarm.shared.jobs import JobState
+from kleinfarm.shared.states import JobState
 from kleinfarm.worker import context
-from kleinfarm.worker.celery_app import EDIT_TASK, GENERATE_TASK
 from kleinfarm.worker.jobrunner import run_job
 
 
@@ -21,7 +21,7 @@ def register_tasks(app: Celery) -> None:
         final = run_job(ctx, job, attempt, task.send_event)
         if final == JobState.FAILED:
             # Recorded already; raising makes the task FAILURE in Flower, with the job's message.
-            raise JobFailedError(ctx.state.job(job).get("error") or "failed")
+            raise JobFailedError(ctx.state.job(job).error or "failed")
         return final
 
     for name in (GENERATE_TASK, EDIT_TASK):

@@ -1,8 +1,18 @@
--- Move one job to a new state if it is in an allowed one, keeping the campaign's counters true.
--- KEYS[1] job hash, KEYS[2] campaign hash, KEYS[3] pending zset
--- ARGV[1] new state, ARGV[2] JSON {from: [states], attempt?: str, worker?: str, set?: {field: str},
---   enqueue?: member (re-add the job to the pending zset under its own score)}
--- Returns {changed (1/0, -1 if no such job), previous state, open jobs left (-1 if unchanged)}
+-- The one place a job's state changes: move a job to a new state if it is in an allowed one,
+-- keeping the campaign's counters exact. The allowed states come from the caller's named move
+-- (kleinfarm.shared.states.TRANSITIONS); every key comes from kleinfarm.shared.keys.
+-- KEYS[1] job hash            KEYS[2] campaign hash       KEYS[3] pending zset
+-- KEYS[4] campaign's paused zset                           KEYS[5] campaign's events channel
+-- KEYS[6] worker's assigned zset (used by an assignment only, which also names dequeue)
+-- ARGV[1] new state
+-- ARGV[2] JSON {from: [states], attempt?: str, worker?: str, set?: {field: str},
+--   enqueue?: job_id (re-add to the pending zset under the job's own score, or to the paused
+--   zset while the campaign is paused),
+--   dequeue?: job_id (take it out of the pending zset first; not there means not changed),
+--   assign?: {worker: str, estimate_s: str} (bump the attempt, record the worker, add the job to
+--   the worker's assigned zset)}
+-- Returns {changed (1/0, -1 if no such job), previous state, open jobs left (-1 if unchanged),
+--   attempt (after the change)}
 local function bucket(state)
   if state == 'assigned' then return 'pending' end
   return state
@@ -10,20 +20,28 @@ end
 local function terminal(state)
   return state == 'succeeded' or state == 'failed' or state == 'cancelled'
 end
-local job, campaign = KEYS[1], KEYS[2]
+local job, campaign, pending, paused, events, assigned = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local target = ARGV[1]
 local cond = cjson.decode(ARGV[2])
 local current = redis.call('HGET', job, 'state')
-if not current then return {-1, '', -1} end
+if not current then return {-1, '', -1, 0} end
+local attempt = redis.call('HGET', job, 'attempt') or '0'
+-- A job leaving the queue is taken out of it first: whoever removes it owns the change.
+if cond['dequeue'] and redis.call('ZREM', pending, cond['dequeue']) == 0 then return {0, current, -1, attempt} end
 local allowed = false
 for _, state in ipairs(cond['from']) do
   if state == current then allowed = true end
 end
-if not allowed then return {0, current, -1} end
-if cond['attempt'] and cond['attempt'] ~= redis.call('HGET', job, 'attempt') then return {0, current, -1} end
-if cond['worker'] and cond['worker'] ~= redis.call('HGET', job, 'worker') then return {0, current, -1} end
+if not allowed then return {0, current, -1, attempt} end
+if cond['attempt'] and cond['attempt'] ~= attempt then return {0, current, -1, attempt} end
+if cond['worker'] and cond['worker'] ~= redis.call('HGET', job, 'worker') then return {0, current, -1, attempt} end
 if cond['set'] then
   for field, value in pairs(cond['set']) do redis.call('HSET', job, field, value) end
+end
+if cond['assign'] then
+  attempt = tostring(redis.call('HINCRBY', job, 'attempt', 1))
+  redis.call('HSET', job, 'worker', cond['assign']['worker'])
+  redis.call('ZADD', assigned, cond['assign']['estimate_s'], cond['dequeue'])
 end
 redis.call('HSET', job, 'state', target)
 local now = redis.call('TIME')
@@ -33,16 +51,15 @@ if bucket(current) ~= bucket(target) then
   redis.call('HINCRBY', campaign, 'n_' .. bucket(target), 1)
 end
 if cond['enqueue'] then
-  -- A paused campaign's jobs wait in its own held set, out of the dispatcher's sight.
-  local queue = KEYS[3]
-  if redis.call('HGET', campaign, 'paused') == '1' then queue = campaign .. ':held' end
+  local queue = pending
+  if redis.call('HGET', campaign, 'paused') == '1' then queue = paused end
   redis.call('ZADD', queue, redis.call('HGET', job, 'score'), cond['enqueue'])
 end
-redis.call('PUBLISH', campaign .. ':events', target)
+redis.call('PUBLISH', events, target)
 local open = -1
 if terminal(target) and not terminal(current) then
   open = redis.call('HINCRBY', campaign, 'open', -1)
 elseif terminal(current) and not terminal(target) then
   redis.call('HINCRBY', campaign, 'open', 1)
 end
-return {1, current, open}
+return {1, current, open, attempt}

@@ -1,31 +1,26 @@
-"""A discrete-event simulation of the farm's routing, running the farm's own policy code.
+"""A discrete-event simulation of the farm's routing, running the policies' own code.
 
 Push policies (round-robin, least-loaded, SGLang-style cache-aware, bounded-load consistent
-hashing) place a job on a worker's queue when it arrives; the worker runs its queue in order.
-Ours binds late: jobs wait in one pending index and a worker with a free slot (two: one running,
-one waiting) takes what ``kleinfarm.shared.routing.assign_round`` hands it. Every worker keeps
-reference K/V in an LRU cache with a byte budget; a job whose set is not held pays the build.
+hashing) place a job on a worker's queue when it arrives: the driver offers each arrival to the
+policy as a one-job round over every worker; the worker runs its queue in order. Ours binds late:
+jobs wait in one pending index and a worker with a free slot (two: one running, one waiting)
+takes what ``AffinityPolicy`` hands it in the farm's dispatch rounds. Every worker keeps reference
+K/V in an LRU cache with a byte budget; a job whose set is not held pays the build.
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import heapq
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kleinfarm.shared.costmodel import CostModel
-from kleinfarm.shared.routing import Owners, PendingIndex, PendingJob, WorkerState, assign_round
+from kleinfarm.shared.routing import AffinityPolicy, PendingIndex, PendingJob, Policy, Round, WorkerState
 
 SLOTS = 2
-SGLANG_MATCH_THRESHOLD = 0.3
-SGLANG_BALANCE_ABS = 64
-SGLANG_BALANCE_REL = 1.5
-CH_EPSILON = 0.25
-CH_VNODES = 64
+PUSH_SLOTS = 1 << 62  # a push worker's queue has no bound: a policy may always place a job there
 
 
 @dataclass(frozen=True)
@@ -95,93 +90,51 @@ class Outcome:
 class PushWorker:
     """A worker that runs the jobs placed on its queue, in order."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, index: int, budget: int) -> None:
+        # Identities "w<index>": the consistent-hash ring is built from them.
+        self.state = WorkerState(f"w{index}", f"w{index}", 0.0, PUSH_SLOTS)
         self.cache = KVCache(budget)
         self.free_at = 0.0
-        self.finishes: deque[float] = deque()
         self.busy = 0.0
-        self.seen: set[str] = set()
 
-    def run(self, job: TraceJob, outcome: Outcome) -> None:
+    def run(self, job: TraceJob, outcome: Outcome) -> float:
+        """Queue the job behind the others; return when it finishes."""
         start = max(job.arrival_s, self.free_at)
         hit, _ = self.cache.lookup(job)
         duration = job.work_s + (0.0 if hit else job.build_s)
         self.free_at = start + duration
         self.busy += duration
-        self.finishes.append(self.free_at)
         outcome.start[job.index], outcome.finish[job.index], outcome.hit[job.index] = start, self.free_at, hit
-        if job.refset:
-            self.seen.add(job.refset)
-
-    def in_flight(self, now: float) -> int:
-        while self.finishes and self.finishes[0] <= now:
-            self.finishes.popleft()
-        return len(self.finishes)
+        return self.free_at
 
 
-Chooser = Callable[[TraceJob, list[PushWorker]], int]
+def simulate_push(jobs: list[TraceJob], workers: int, budget: int, policy: Policy) -> Outcome:
+    """Each job placed by ``policy`` when it arrives, in a one-job round over every worker.
 
-
-def simulate_push(jobs: list[TraceJob], workers: int, budget: int, choose: Chooser) -> Outcome:
-    pool = [PushWorker(budget) for _ in range(workers)]
+    A worker's ``queued_s`` is the time until its queue frees, negative for a worker idle that
+    long, so least-loaded picks the worker whose queue frees (or freed) first. Its
+    ``queued_jobs`` are its jobs in flight: ``commit`` counts a job in, and one heap of finish
+    times (cheaper than a look at every worker's queue per arrival) counts it out.
+    """
+    pool = [PushWorker(index, budget) for index in range(workers)]
+    states = [worker.state for worker in pool]
+    by_id = {worker.state.worker_id: index for index, worker in enumerate(pool)}
+    in_flight: list[tuple[float, int]] = []  # (finish, worker index)
     outcome = Outcome([0.0] * len(jobs), [0.0] * len(jobs), [True] * len(jobs), [])
+    # One round object throughout: the policy empties its pending index with every decision.
+    round = Round(PendingIndex(), states, {})
     for job in jobs:
-        pool[choose(job, pool)].run(job, outcome)
+        now = job.arrival_s
+        while in_flight and in_flight[0][0] <= now:
+            states[heapq.heappop(in_flight)[1]].queued_jobs -= 1
+        for worker, state in zip(pool, states, strict=True):
+            state.queued_s = worker.free_at - now
+        round.pending.add(PendingJob(str(job.index), job.refset, job.work_s, job.build_s))
+        (decision,) = policy.assign(round)
+        index = by_id[decision.worker.worker_id]
+        heapq.heappush(in_flight, (pool[index].run(job, outcome), index))
     outcome.busy = [worker.busy for worker in pool]
     return outcome
-
-
-def round_robin() -> Chooser:
-    counter = iter(range(1 << 62))
-    return lambda job, pool: next(counter) % len(pool)
-
-
-def least_loaded() -> Chooser:
-    """The worker whose queue frees first: least queued seconds."""
-    return lambda job, pool: min(range(len(pool)), key=lambda index: pool[index].free_at)
-
-
-def sglang_cache_aware() -> Chooser:
-    """SGLang's cache_aware: shortest queue when imbalanced, else the worker that saw the set."""
-
-    def choose(job: TraceJob, pool: list[PushWorker]) -> int:
-        loads = [worker.in_flight(job.arrival_s) for worker in pool]
-        shortest = min(range(len(pool)), key=loads.__getitem__)
-        high, low = max(loads), min(loads)
-        if high - low > SGLANG_BALANCE_ABS and high > SGLANG_BALANCE_REL * low:
-            return shortest
-        if job.refset is not None:
-            matches = [index for index, worker in enumerate(pool) if job.refset in worker.seen]
-            match_rate = 1.0 if matches else 0.0  # a reference set matches whole or not at all
-            if match_rate > SGLANG_MATCH_THRESHOLD:
-                return min(matches, key=loads.__getitem__)
-        return shortest
-
-    return choose
-
-
-def bounded_consistent_hashing(workers: int) -> Chooser:
-    """Consistent hashing with bounded loads (eps 0.25): walk the ring past workers over the cap."""
-    ring = sorted((_hash(f"w{index}#{vnode}"), index) for index in range(workers) for vnode in range(CH_VNODES))
-    points = [point for point, _ in ring]
-
-    def choose(job: TraceJob, pool: list[PushWorker]) -> int:
-        loads = [worker.in_flight(job.arrival_s) for worker in pool]
-        if job.refset is None:
-            return min(range(len(pool)), key=loads.__getitem__)
-        cap = (1 + CH_EPSILON) * (sum(loads) + 1) / len(pool)
-        start = bisect.bisect(points, _hash(job.refset)) % len(ring)
-        for step in range(len(ring)):
-            index = ring[(start + step) % len(ring)][1]
-            if loads[index] + 1 <= cap:
-                return index
-        return ring[start][1]
-
-    return choose
-
-
-def _hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 class LateWorker:
@@ -200,12 +153,13 @@ class LateWorker:
 class LateBindingSim:
     """The farm's dispatcher, event by event, with the farm's policy."""
 
-    def __init__(self, jobs: list[TraceJob], workers: int, budget: int) -> None:
+    def __init__(self, jobs: list[TraceJob], workers: int, budget: int, policy: Policy | None = None) -> None:
         self.jobs = jobs
         self.pool = [LateWorker(index, budget) for index in range(workers)]
         self.pending = PendingIndex()
         self.holders: dict[str, int] = {}
-        self.owners = Owners(worker.state.identity for worker in self.pool)
+        # The rendezvous order is over the whole farm, though a round offers only the free workers.
+        self.policy = policy or AffinityPolicy(worker.state.identity for worker in self.pool)
         self.by_id = {worker.state.worker_id: worker for worker in self.pool}
         self.queued_total = 0.0
         self.free = set(range(workers))
@@ -231,21 +185,22 @@ class LateBindingSim:
         """The farm's dispatch round, over the workers with a free slot."""
         if not self.pending or not self.free:
             return order
-        decisions = assign_round(
-            self.pending,
-            [self.pool[index].state for index in self.free],
-            self.holders,
-            farm_size=len(self.pool),
-            farm_queued_s=self.queued_total,
-            owners=self.owners,
+        decisions = self.policy.assign(
+            Round(
+                self.pending,
+                [self.pool[index].state for index in self.free],
+                self.holders,
+                farm_size=len(self.pool),
+                farm_queued_s=self.queued_total,
+            )
         )
         for decision in decisions:
             worker = self.by_id[decision.worker.worker_id]
-            order = self._hand(worker, self.jobs[int(decision.job.member)], decision.cost_s, now, order)
+            order = self._hand(worker, self.jobs[int(decision.job.job_id)], decision.cost_s, now, order)
         return order
 
     def _hand(self, worker: LateWorker, job: TraceJob, estimate: float, now: float, order: int) -> int:
-        """``assign_round`` counted the job against the worker; queue it there and start it if idle."""
+        """The policy counted the job against the worker; queue it there and start it if idle."""
         if job.refset is not None:
             worker.handed[job.refset] = worker.handed.get(job.refset, 0) + 1
         if not worker.state.free_slots:
@@ -274,6 +229,7 @@ class LateBindingSim:
         job, estimate = worker.waiting.popleft()
         worker.running = False
         worker.state.queued_s -= estimate
+        worker.state.queued_jobs -= 1
         worker.state.free_slots += 1
         self.free.add(worker.index)
         self.queued_total -= estimate

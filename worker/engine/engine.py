@@ -3,7 +3,7 @@
 diffusers' ``Flux2KleinKVPipeline`` extracts the reference K/V at step 0 of every call and drops
 them. Here they are kept under the reference-set key (``kv_cache.py``), and prompt embeddings
 under the prompt (``prompt_cache.py``); everything else reuses the pipeline's own pieces, so a
-job gives the same image as the pipeline with the same inputs and seed.
+job gives the same image as the pipeline with the same inputs and seed (``docs/engine.md``).
 """
 
 from __future__ import annotations
@@ -12,42 +12,47 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, assert_never
 
 import numpy as np
 import torch
 from PIL import Image
 
-from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.jobs import EditJob, GenerateJob
+from kleinfarm.shared.klein import REFERENCE_MAX_AREA, TEXT_TOKENS
+from kleinfarm.shared.records import EngineReport
 from kleinfarm.shared.refset import reference_set_key
-from kleinfarm.worker.kv_cache import ReferenceKVCache, from_diffusers, to_diffusers
-from kleinfarm.worker.profiles import HEADROOM, MemoryProfile, ProfileName, profile_for_card
-from kleinfarm.worker.prompt_cache import PromptCache
+from kleinfarm.worker.engine.kv_cache import Entry, ReferenceKVCache, from_diffusers, to_diffusers
+from kleinfarm.worker.engine.loading import check_supported, place, text_encoder_layers
+from kleinfarm.worker.engine.plan import (
+    JobReferences,
+    KVSource,
+    ReferenceMode,
+    ReferencePlan,
+    TransformerCall,
+    call_for_step,
+    decide_plan,
+    default_mode,
+)
+from kleinfarm.worker.engine.profiles import HEADROOM, MemoryProfile, ProfileName, profile_for_card
+from kleinfarm.worker.engine.prompt_cache import PromptCache
+from kleinfarm.worker.engine.results import ImageResult, LatentResult
 
 log = logging.getLogger(__name__)
 
-# The layers of Qwen3-8B whose hidden states the pipeline stacks into the prompt embedding.
-DEFAULT_TEXT_LAYERS = (9, 18, 27)
-MAX_SEQUENCE_LENGTH = 512
-REFERENCE_MAX_AREA = 1024 * 1024
-
 StepCallback = Callable[[int, int], None]
-
-
-def text_encoder_layers(num_hidden_layers: int) -> tuple[int, ...]:
-    """The real model's layers where they exist, else three evenly spaced (the tiny model)."""
-    if num_hidden_layers >= max(DEFAULT_TEXT_LAYERS):
-        return DEFAULT_TEXT_LAYERS
-    third = max(num_hidden_layers // 3, 1)
-    return (third, 2 * third, num_hidden_layers)
+References = list[tuple[str, Image.Image]]
 
 
 def pick_device(requested: str | None = None) -> str:
     if requested:
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def physical_memory() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @dataclass
@@ -68,58 +73,14 @@ class CacheBudgets:
         return cls(kv_device=kv_device, kv_host=profile.kv_host_bytes, prompts=profile.prompt_bytes)
 
 
-def physical_memory() -> int:
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+@dataclass(frozen=True)
+class _Step:
+    """The inputs of one transformer call that do not depend on the references."""
 
-
-ReferenceMode = Literal["reuse", "per_job", "recompute"]
-
-
-def check_supported(pipeline: Any, model: str) -> None:
-    """Only the step-distilled FLUX.2 [klein] pipelines run here (no guidance pass)."""
-    name = type(pipeline).__name__
-    if name not in ("Flux2KleinKVPipeline", "Flux2KleinPipeline"):
-        raise ConfigError(f"model {model!r} loads as {name}: kleinfarm runs FLUX.2 [klein] checkpoints")
-    if not getattr(pipeline.config, "is_distilled", True):
-        raise ConfigError(f"model {model!r} is a base (non-distilled) klein: kleinfarm runs the distilled ones")
-
-
-def place(pipeline: Any, layout: MemoryProfile, device: torch.device) -> None:
-    """Put the components where the profile says: fp8 weight storage, a streamed text encoder."""
-    if layout.weights == "fp8":
-        # Weights stored as fp8 and upcast layer by layer: half the memory of the bf16 checkpoint.
-        pipeline.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    if layout.text_encoder == "device":
-        pipeline.to(device)
-        return
-    from accelerate import cpu_offload
-
-    pipeline.transformer.to(device)
-    pipeline.vae.to(device)
-    # Streamed from host memory layer by layer; the prompt cache makes it run once per distinct prompt.
-    cpu_offload(pipeline.text_encoder, execution_device=device)
-
-
-@dataclass
-class _References:
-    """What one job carries of its references through the loop."""
-
-    key: str | None = None
-    source: str = "none"
-    kv: Any = None
-    latents: torch.Tensor | None = None
-    ids: torch.Tensor | None = None
-
-
-@dataclass
-class RenderResult:
-    """An image (or latents), where its time went, and what the caches did for it."""
-
-    image: Image.Image | None
-    timings: dict[str, float] = field(default_factory=dict)
-    refset: str | None = None
-    kv: str = "none"
-    latents: torch.Tensor | None = None
+    latents: torch.Tensor
+    latent_ids: torch.Tensor
+    timestep: torch.Tensor
+    text: dict[str, Any]
 
 
 class RenderEngine:
@@ -175,21 +136,18 @@ class RenderEngine:
         return type(self.pipeline).__name__ == "Flux2KleinKVPipeline"
 
     def render(
-        self,
-        job: GenerateJob | EditJob,
-        references: list[tuple[str, Image.Image]],
-        on_step: StepCallback | None = None,
-    ) -> RenderResult:
+        self, job: GenerateJob | EditJob, references: References, on_step: StepCallback | None = None
+    ) -> ImageResult:
         """Render one job; ``references`` are (content digest, image); ``on_step`` may raise to stop."""
         if job.seed is None:
             raise ValueError("a job reaches the engine with its seed drawn at submit time")
         result = self.render_latents(job.prompt, job.seed, job.width, job.height, job.steps, references, on_step)
         started = time.perf_counter()
         with torch.inference_mode():
-            image = self.pipeline.vae.decode(result.latents, return_dict=False)[0]
-            result.image = self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
-        result.timings["decode_s"] = _lap(started)
-        return result
+            decoded = self.pipeline.vae.decode(result.latents, return_dict=False)[0]
+            image = self.pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
+        timings = {**result.timings, "decode_s": _lap(started)}
+        return ImageResult(image, timings, result.refset, result.kv)
 
     @torch.inference_mode()
     def render_latents(
@@ -199,17 +157,17 @@ class RenderEngine:
         width: int,
         height: int,
         steps: int,
-        references: list[tuple[str, Image.Image]],
+        references: References,
         on_step: StepCallback | None = None,
         batch_size: int = 1,
         mode: ReferenceMode | None = None,
-    ) -> RenderResult:
+    ) -> LatentResult:
         """The denoising loop; returns VAE-ready latents (as the pipeline's ``output_type='latent'``).
 
         ``mode`` overrides how references are handled (the benchmark compares all three).
         """
         pipe, timings = self.pipeline, {}
-        mode = mode or ("reuse" if self.kv_reuse else "recompute")
+        mode = mode or default_mode(self.kv_reuse)
         started = time.perf_counter()
         # A CPU generator makes the noise, hence the image, the same on every device.
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -219,7 +177,7 @@ class RenderEngine:
         text_ids = pipe._prepare_text_ids(embeddings).to(self.device)
         timings["prompt_s"] = _lap(started)
 
-        # 2. Initial noise from the seed.
+        # 2. Initial noise from the seed (drawn before anything else uses the generator, as in the pipeline).
         latents, latent_ids = pipe.prepare_latents(
             batch_size=batch_size,
             num_latents_channels=pipe.transformer.config.in_channels // 4,
@@ -233,15 +191,15 @@ class RenderEngine:
         # 3. The schedule, as the pipeline computes it.
         timesteps = self._timesteps(latents.shape[1], steps)
 
-        # 4. References: held K/V, or reference latents to extract them from (or to carry every step).
+        # 4. References: the plan for every step, with what it needs (held K/V or reference latents).
         refs = self._references(references, batch_size, generator, mode)
         timings["setup_s"] = round(_lap(started) - timings["prompt_s"], 4)
 
         # 5. Denoise.
+        text = {"encoder_hidden_states": embeddings, "txt_ids": text_ids, "guidance": None, "return_dict": False}
         for index, t in enumerate(timesteps):
             timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            text = {"encoder_hidden_states": embeddings, "txt_ids": text_ids, "guidance": None, "return_dict": False}
-            noise = self._predict(latents, latent_ids, timestep, text, refs, mode)
+            noise = self._predict(index, _Step(latents, latent_ids, timestep, text), refs)
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(index + 1, steps)
@@ -250,69 +208,90 @@ class RenderEngine:
         # 6. Unpack to VAE latents.
         latents = self._to_vae_latents(latents, latent_ids)
         timings["total_s"] = _lap(started)
-        return RenderResult(None, timings, refs.key, refs.source, latents)
+        return LatentResult(latents, timings, refs.key, refs.source)
 
     def _references(
-        self, references: list[tuple[str, Image.Image]], batch_size: int, generator: torch.Generator, mode: str
-    ) -> _References:
+        self, references: References, batch_size: int, generator: torch.Generator, mode: ReferenceMode
+    ) -> JobReferences:
+        """Decide the job's plan (looking the set up in ``reuse`` mode) and prepare what it needs."""
         if not references:
-            return _References()
+            return JobReferences()
         key = reference_set_key(self.model, [digest for digest, _ in references])
-        refs = _References(key=key, source="miss" if mode == "reuse" else mode)
-        if mode == "reuse":
-            entry, refs.source = self.kv_cache.get(key)
-            refs.kv = to_diffusers(entry, batch_size) if entry is not None else None
-        if refs.kv is None:
+        entry, source = self._lookup(key, mode)
+        plan = decide_plan(True, mode, cache_hit=entry is not None)
+        # Only a reuse-mode miss keeps what it extracts: per_job drops it, as the KV pipeline does.
+        keep = mode == "reuse" and plan is ReferencePlan.EXTRACT_THEN_CACHED
+        refs = JobReferences(plan, key, source, keep_as=key if keep else None)
+        if entry is not None:
+            refs.kv = to_diffusers(entry, batch_size)
+        else:
             refs.latents, refs.ids = self._reference_latents([image for _, image in references], batch_size, generator)
         return refs
 
-    def _predict(
-        self,
-        latents: torch.Tensor,
-        latent_ids: torch.Tensor,
-        timestep: torch.Tensor,
-        text: dict[str, Any],
-        refs: _References,
-        mode: str,
-    ) -> torch.Tensor:
-        """One transformer call: references carried (recompute), extracted (first step), cached, or none."""
+    def _lookup(self, key: str, mode: ReferenceMode) -> tuple[Entry | None, KVSource]:
+        """The held K/V in ``reuse`` mode (a lookup counts as a hit or a miss); other modes never look."""
+        if mode == "reuse":
+            return self.kv_cache.get(key)
+        return None, mode
+
+    def _predict(self, index: int, step: _Step, refs: JobReferences) -> torch.Tensor:
+        """One transformer call, of the kind the job's plan gives this step."""
+        call = call_for_step(refs.plan, index)
+        if call is TransformerCall.PLAIN:
+            return self._forward(step)
+        if call is TransformerCall.CARRY:
+            return self._forward_carrying(step, refs)
+        if call is TransformerCall.EXTRACT:
+            return self._forward_extracting(step, refs)
+        if call is TransformerCall.CACHED:
+            return self._forward(step, kv_cache=refs.cache(), kv_cache_mode="cached")
+        assert_never(call)
+
+    def _forward(self, step: _Step, **kv: Any) -> torch.Tensor:
+        """The image tokens alone, with the reference K/V (cached mode) or without references."""
         transformer = self.pipeline.transformer
-        hidden = latents.to(transformer.dtype)
-        if refs.latents is not None and refs.ids is not None and mode == "recompute":
-            noise = transformer(
-                hidden_states=torch.cat([hidden, refs.latents.to(transformer.dtype)], dim=1),
-                img_ids=torch.cat([latent_ids, refs.ids], dim=1),
-                timestep=timestep,
-                **text,
-            )[0]
-            return noise[:, : latents.shape[1]]  # type: ignore[no-any-return]
-        if refs.latents is not None and refs.ids is not None and refs.kv is None:
-            noise, refs.kv = transformer(
-                hidden_states=torch.cat([refs.latents.to(transformer.dtype), hidden], dim=1),
-                img_ids=torch.cat([refs.ids, latent_ids], dim=1),
-                timestep=timestep,
-                kv_cache_mode="extract",
-                num_ref_tokens=refs.latents.shape[1],
-                **text,
-            )
-            if mode == "reuse" and refs.key is not None:
-                self.kv_cache.put(refs.key, from_diffusers(refs.kv))
-            return noise  # type: ignore[no-any-return]
-        if refs.kv is not None:
-            cached = {"kv_cache": refs.kv, "kv_cache_mode": "cached"}
-            return transformer(hidden_states=hidden, img_ids=latent_ids, timestep=timestep, **cached, **text)[0]  # type: ignore[no-any-return]
-        return transformer(hidden_states=hidden, img_ids=latent_ids, timestep=timestep, **text)[0]  # type: ignore[no-any-return]
+        hidden = step.latents.to(transformer.dtype)
+        noise = transformer(hidden_states=hidden, img_ids=step.latent_ids, timestep=step.timestep, **kv, **step.text)[0]
+        return noise  # type: ignore[no-any-return]
+
+    def _forward_carrying(self, step: _Step, refs: JobReferences) -> torch.Tensor:
+        """Reference tokens appended after the image tokens, as ``Flux2KleinPipeline`` does every step."""
+        transformer = self.pipeline.transformer
+        ref_latents, ref_ids = refs.tokens()
+        noise = transformer(
+            hidden_states=torch.cat([step.latents.to(transformer.dtype), ref_latents.to(transformer.dtype)], dim=1),
+            img_ids=torch.cat([step.latent_ids, ref_ids], dim=1),
+            timestep=step.timestep,
+            **step.text,
+        )[0]
+        return noise[:, : step.latents.shape[1]]  # type: ignore[no-any-return]
+
+    def _forward_extracting(self, step: _Step, refs: JobReferences) -> torch.Tensor:
+        """Reference tokens first, K/V extracted for the later steps (and kept, in ``reuse`` mode)."""
+        transformer = self.pipeline.transformer
+        ref_latents, ref_ids = refs.tokens()
+        noise, refs.kv = transformer(
+            hidden_states=torch.cat([ref_latents.to(transformer.dtype), step.latents.to(transformer.dtype)], dim=1),
+            img_ids=torch.cat([ref_ids, step.latent_ids], dim=1),
+            timestep=step.timestep,
+            kv_cache_mode="extract",
+            num_ref_tokens=ref_latents.shape[1],
+            **step.text,
+        )
+        if refs.keep_as is not None:
+            self.kv_cache.put(refs.keep_as, from_diffusers(refs.kv))
+        return noise  # type: ignore[no-any-return]
 
     def _prompt_embeddings(self, prompt: str) -> torch.Tensor:
-        key = (self.model, prompt, str(MAX_SEQUENCE_LENGTH), ",".join(map(str, self.text_layers)))
+        key = (self.model, prompt, str(TEXT_TOKENS), ",".join(map(str, self.text_layers)))
         cached = self.prompt_cache.get(key)
         if cached is not None:
-            return cached  # type: ignore[no-any-return]
+            return cached
         embeddings: torch.Tensor
         embeddings, _ = self.pipeline.encode_prompt(
             prompt=prompt,
             device=self.device,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            max_sequence_length=TEXT_TOKENS,
             text_encoder_out_layers=self.text_layers,
         )
         self.prompt_cache.put(key, embeddings)
@@ -362,19 +341,11 @@ class RenderEngine:
 
         return {"process_peak_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> EngineReport:
         """What the engine holds, for the worker registry and metrics."""
-        return {
-            "profile": self.profile,
-            "memory": self.memory(),
-            "kv": self.kv_cache.report(),
-            "prompts": {
-                "hits": self.prompt_cache.hits,
-                "misses": self.prompt_cache.misses,
-                "bytes": self.prompt_cache.used,
-                "budget": self.prompt_cache.budget,
-            },
-        }
+        return EngineReport(
+            profile=self.profile, memory=self.memory(), kv=self.kv_cache.report(), prompts=self.prompt_cache.report()
+        )
 
 
 def _lap(started: float) -> float:

@@ -15,8 +15,8 @@ from rich.console import Console
 from kleinfarm.producer.campaign_files import load_campaign
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.producer.contact_sheet import write_contact_sheet
+from kleinfarm.producer.localfarm.services import ChildService, RedisServer, S3Server
 from kleinfarm.producer.report import write_report
-from kleinfarm.producer.services import ChildService, RedisServer, S3Server
 from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.settings import FarmSettings
@@ -30,7 +30,7 @@ def tiny_model_folder(settings: FarmSettings) -> Path:
     """The tiny model under the cache folder, built on first use."""
     folder = settings.cache_dir / "tiny-model"
     if not (folder / "model_index.json").is_file():
-        from kleinfarm.worker.tiny_model import make_tiny_model
+        from kleinfarm.worker.engine.random_model import make_tiny_model
 
         make_tiny_model(folder)
     return folder

@@ -6,6 +6,8 @@ from collections import OrderedDict
 
 import torch
 
+from kleinfarm.shared.records import PromptCacheReport
+
 
 class PromptCache:
     """(prompt, encoder settings) -> embeddings on the render device; LRU within a byte budget."""
@@ -35,3 +37,7 @@ class PromptCache:
         self.entries[key] = embeddings
         while self.used > self.budget:
             self.entries.popitem(last=False)
+
+    def report(self) -> PromptCacheReport:
+        """Hit/miss counters and bytes held against the budget (for the registry and metrics)."""
+        return PromptCacheReport(hits=self.hits, misses=self.misses, bytes=self.used, budget=self.budget)

@@ -1,9 +1,14 @@
-"""The Celery application: Redis broker, JSON only, one job at a time per GPU process."""
+"""The Celery side of the contract: task names and the app every role builds on the Redis broker.
+
+JSON only, one job at a time per GPU process; the settings answer the traps listed in
+``docs/architecture.md`` ("Celery with Redis").
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
+from kleinfarm.shared import keys
 from kleinfarm.shared.settings import FarmSettings
 
 GENERATE_TASK = "kleinfarm.generate"
@@ -11,7 +16,7 @@ EDIT_TASK = "kleinfarm.edit"
 
 
 def make_celery(settings: FarmSettings) -> Celery:
-    """A Celery app configured against the traps in FACTS.md ("Celery with Redis")."""
+    """A Celery app configured against the known traps of Celery on Redis."""
     app = Celery("kleinfarm", broker=settings.redis_url)
     app.conf.update(
         task_serializer="json",
@@ -28,6 +33,6 @@ def make_celery(settings: FarmSettings) -> Celery:
         task_send_sent_event=True,
         task_track_started=True,
         worker_hijack_root_logger=False,
-        task_default_queue="kf.default",
+        task_default_queue=keys.DEFAULT_QUEUE,
     )
     return app

@@ -1,6 +1,6 @@
 """Reference K/V kept across jobs, in two tiers with byte budgets: the render device, then host memory.
 
-A reference set's K/V depend on the set alone (FACTS.md, "How the KV variant works"), so a job whose
+A reference set's K/V depend on the set alone (``docs/engine.md``, how the KV variant works), so a job whose
 set is held skips the VAE encode of its references and their passes through the transformer. A
 device eviction demotes to host memory (pinned on CUDA), which is far cheaper to copy back than to
 recompute; a host eviction drops the entry. Both tiers evict least recently used first.
@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from kleinfarm.shared.records import KVReport, TierReport
+
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
+# Where ``get`` found a key: the render device's tier, the host tier, or neither.
+Lookup = Literal["device", "host", "miss"]
 
 
 @dataclass
@@ -65,6 +69,9 @@ class Tier:
     def holdings(self) -> dict[str, int]:
         return {key: entry.nbytes for key, entry in self.entries.items()}
 
+    def report(self) -> TierReport:
+        return TierReport(budget=self.budget, keys=self.holdings())
+
 
 def from_diffusers(kv_cache: Any) -> Entry:
     """Take the K/V out of a ``Flux2KVCache`` built in extract mode (first batch row only)."""
@@ -95,7 +102,7 @@ class ReferenceKVCache:
         self.pin = device.type == "cuda"
         self.stats = CacheStats()
 
-    def get(self, key: str) -> tuple[Entry | None, str]:
+    def get(self, key: str) -> tuple[Entry | None, Lookup]:
         """The entry on the render device, promoted from host if needed, and where it was found."""
         if key in self.device_tier.entries:
             self.device_tier.entries.move_to_end(key)
@@ -108,6 +115,10 @@ class ReferenceKVCache:
             return entry, "host"
         self.stats.misses += 1
         return None, "miss"
+
+    def held_keys(self) -> set[str]:
+        """The reference-set keys held in either tier (a lookup of any of them would hit)."""
+        return set(self.device_tier.entries) | set(self.host_tier.entries)
 
     def put(self, key: str, entry: Entry) -> None:
         self._admit(key, entry.to(self.device_tier.device))
@@ -134,10 +145,6 @@ class ReferenceKVCache:
             self.host_tier.entries.popitem(last=False)
             self.stats.evictions += 1
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> KVReport:
         """What the worker holds, per tier, with bytes, plus hit/miss counters (for the registry)."""
-        return {
-            "device": {"budget": self.device_tier.budget, "keys": self.device_tier.holdings()},
-            "host": {"budget": self.host_tier.budget, "keys": self.host_tier.holdings()},
-            "stats": vars(self.stats).copy(),
-        }
+        return KVReport(device=self.device_tier.report(), host=self.host_tier.report(), stats=vars(self.stats).copy())

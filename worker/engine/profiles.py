@@ -1,6 +1,7 @@
 """Memory profiles per card: weight storage, where the text encoder lives, and the cache budgets.
 
-The arithmetic, FLUX.2 [klein] 9B-KV in bf16 (FACTS.md):
+The arithmetic, FLUX.2 [klein] 9B-KV in bf16 (the figures are ``kleinfarm.shared.klein``, derived in
+``docs/engine.md``):
 - reference K/V: 32 blocks x 2 (K, V) x 4096 hidden x 2 bytes = 0.5 MiB per reference token; a
   1024x1024 reference is (1024/16)^2 = 4096 tokens = 2 GiB; four of them 8 GiB;
 - transformer weights: 9.1 B parameters = 18 GB in bf16, 9 GB stored as fp8 (upcast per layer);
@@ -15,13 +16,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kleinfarm.shared.errors import ConfigError
+from kleinfarm.shared.klein import (
+    GIB,
+    TEXT_ENCODER_BF16_BYTES,
+    TRANSFORMER_BF16_BYTES,
+    TRANSFORMER_FP8_BYTES,
+    kv_bytes,
+    reference_tokens,
+)
 
-GIB = 1024**3
-KV_BYTES_PER_REF_TOKEN_BF16 = 32 * 2 * 4096 * 2
-TRANSFORMER_BF16 = 18 * GIB
-TRANSFORMER_FP8 = 9 * GIB
-TEXT_ENCODER_BF16 = 16 * GIB
+# Activations and the VAE at 1024x1024 with four references: what a card keeps free beside weights and K/V.
 HEADROOM = 4 * GIB
+# The K/V of one 1024x1024 reference (2 GiB): the unit profiles are compared in.
+KV_BYTES_PER_REFERENCE_1024 = kv_bytes(reference_tokens(1, 1024))
 
 ProfileName = Literal["auto", "large", "rtx5090", "rtx4090", "cpu"]
 
@@ -40,12 +47,7 @@ class MemoryProfile:
     @property
     def kv_device_references_1024(self) -> float:
         """How many 1024x1024 references (2 GiB each in bf16) the device tier holds."""
-        return self.kv_device_bytes / (4096 * KV_BYTES_PER_REF_TOKEN_BF16)
-
-
-def kv_bytes(ref_tokens: int, layers: int = 32, hidden: int = 4096, bytes_per_value: int = 2) -> int:
-    """Bytes of the K/V of ``ref_tokens`` reference tokens."""
-    return layers * 2 * hidden * bytes_per_value * ref_tokens
+        return self.kv_device_bytes / KV_BYTES_PER_REFERENCE_1024
 
 
 def profile_for_card(name: ProfileName, card_bytes: int | None, host_bytes: int) -> MemoryProfile:
@@ -58,11 +60,13 @@ def profile_for_card(name: ProfileName, card_bytes: int | None, host_bytes: int)
     if card_bytes is None:
         raise ConfigError(f"profile {name!r} needs a CUDA card")
     if name == "large":
-        left = card_bytes - TRANSFORMER_BF16 - TEXT_ENCODER_BF16 - HEADROOM
+        left = card_bytes - TRANSFORMER_BF16_BYTES - TEXT_ENCODER_BF16_BYTES - HEADROOM
         return MemoryProfile("large", "bf16", "device", max(left, 0), host_tier, GIB)
     if name == "rtx5090":
-        return MemoryProfile("rtx5090", "bf16", "offload", _left(card_bytes, TRANSFORMER_BF16), host_tier, GIB // 2)
-    return MemoryProfile("rtx4090", "fp8", "offload", _left(card_bytes, TRANSFORMER_FP8), host_tier, GIB // 2)
+        kv_device = _left(card_bytes, TRANSFORMER_BF16_BYTES)
+        return MemoryProfile("rtx5090", "bf16", "offload", kv_device, host_tier, GIB // 2)
+    kv_device = _left(card_bytes, TRANSFORMER_FP8_BYTES)
+    return MemoryProfile("rtx4090", "fp8", "offload", kv_device, host_tier, GIB // 2)
 
 
 def _left(card_bytes: int, weights: int) -> int:
@@ -75,7 +79,7 @@ def _left(card_bytes: int, weights: int) -> int:
 def _auto_name(card_bytes: int | None) -> ProfileName:
     if card_bytes is None:
         return "cpu"
-    if card_bytes >= TRANSFORMER_BF16 + TEXT_ENCODER_BF16 + HEADROOM + 8 * GIB:
+    if card_bytes >= TRANSFORMER_BF16_BYTES + TEXT_ENCODER_BF16_BYTES + HEADROOM + 8 * GIB:
         return "large"
     if card_bytes >= 30 * GIB:
         return "rtx5090"

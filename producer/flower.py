@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kleinfarm.shared.broker import make_celery
 from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.settings import FarmSettings
-from kleinfarm.worker.celery_app import make_celery
 
 
 def run_flower(port: int, address: str, env_file: Path | None) -> None:

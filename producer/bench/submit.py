@@ -7,7 +7,7 @@ import time
 from contextlib import ExitStack
 
 from kleinfarm.producer.client import FarmClient
-from kleinfarm.producer.services import RedisServer
+from kleinfarm.producer.localfarm.services import RedisServer
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.settings import FarmSettings
 

@@ -1,0 +1,99 @@
+"""Commands that run or inspect the farm's processes: worker, local, workers, flower, beat."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kleinfarm.producer.cli.common import AsJson, EnvFile, app, default_env_file, farm_client, print_table
+
+WORKER_COLUMNS = ("worker", "device", "profile", "assigned", "KV sets (device/host)", "hits dev/host/miss")
+
+
+@app.command()
+def worker(
+    gpu: Annotated[int | None, typer.Option(help="CUDA device index to pin (default: CPU)")] = None,
+    model: Annotated[str | None, typer.Option(help="Hub id or local folder (default: KLEINFARM_MODEL)")] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="Memory profile: auto, large, rtx5090, rtx4090 or cpu (default: auto)")
+    ] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Run one GPU worker (one process per card)."""
+    from kleinfarm.worker.main import run_worker
+
+    run_worker(gpu=gpu, model=model, env_file=env_file or default_env_file(), profile=profile)
+
+
+@app.command()
+def local(
+    workers: Annotated[int, typer.Option(help="Worker processes to start")] = 1,
+    model: Annotated[str | None, typer.Option(help="Hub id or folder (default: a tiny model on CPU)")] = None,
+    env_file: Annotated[Path, typer.Option(help="Where to write the KLEINFARM_* settings")] = Path(".kleinfarm.env"),
+    demo: Annotated[bool, typer.Option(help="Submit examples/demo-campaign.yaml, show it, then stop")] = False,
+    demo_file: Annotated[Path, typer.Option(help="Campaign the demo submits")] = Path("examples/demo-campaign.yaml"),
+    out: Annotated[Path, typer.Option(help="Where the demo leaves its images")] = Path("kleinfarm-out"),
+) -> None:
+    """Run a whole farm on this machine: Redis, an S3 server, N workers. Ctrl-C stops it."""
+    from kleinfarm.producer.localfarm.farm import LocalFarm, run_demo
+
+    with LocalFarm(workers=workers, model=model, env_file=env_file) as farm:
+        if demo:
+            run_demo(farm, demo_file, out)
+        else:
+            farm.serve_until_interrupted()
+
+
+@app.command()
+def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
+    """Live workers: card, jobs assigned, reference sets cached per tier, cache hits and misses."""
+    from kleinfarm.shared.registry import Registry
+
+    client = farm_client(env_file)
+    views = Registry(client.state, client.settings.worker_lapse_s).live_workers()
+    if as_json:
+        for view in views:
+            engine = view.report.engine
+            row = {
+                "worker": view.worker_id,
+                "device": view.report.device,
+                "profile": engine.profile,
+                "memory": engine.memory,
+                "assigned": view.assigned,
+                "kv_device": engine.kv.device.keys,
+                "kv_host": engine.kv.host.keys,
+                "kv_stats": engine.kv.stats,
+            }
+            print(json.dumps(row))
+        return
+    rows = []
+    for view in views:
+        engine, stats = view.report.engine, view.report.engine.kv.stats
+        hits = f"{stats.get('hits_device', 0)}/{stats.get('hits_host', 0)}/{stats.get('misses', 0)}"
+        sets = f"{len(engine.kv.device.keys)}/{len(engine.kv.host.keys)}"
+        values = (view.worker_id, view.report.device, engine.profile, view.assigned, sets, hits)
+        rows.append(dict(zip(WORKER_COLUMNS, values, strict=True)))
+    print_table(WORKER_COLUMNS, rows)
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Port of Flower's web UI and API")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    env_file: EnvFile = None,
+) -> None:
+    """Start Flower on the farm, behind basic auth from KLEINFARM_FLOWER_BASIC_AUTH=user:password."""
+    from kleinfarm.producer.flower import run_flower
+
+    run_flower(port, address, env_file or default_env_file())
+
+
+@app.command()
+def beat(env_file: EnvFile = None) -> None:
+    """Run the schedules (celery beat with redbeat, plus the task that submits their campaigns)."""
+    from kleinfarm.producer.beat import run_beat
+
+    run_beat(env_file or default_env_file())

@@ -1,0 +1,40 @@
+"""Model tools that need no farm: render one job here, write the tiny test model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kleinfarm.producer.cli.common import app, console
+
+
+@app.command()
+def render(
+    prompt: Annotated[str, typer.Option(help="The prompt")],
+    out: Annotated[Path, typer.Option(help="PNG file to write")],
+    model: Annotated[str | None, typer.Option(help="Hub id or local folder")] = None,
+    ref: Annotated[list[str] | None, typer.Option(help="Reference image (repeat, up to 4)")] = None,
+    width: int = 1024,
+    height: int = 1024,
+    seed: int | None = None,
+    steps: int = 4,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu (default: cuda if present)")] = None,
+) -> None:
+    """Render one job locally, without Redis, Celery or S3."""
+    from kleinfarm.worker.local_render import render_one
+
+    path, seed_used = render_one(prompt, out, model, ref or [], width, height, seed, steps, device)
+    console.print(f"wrote {path} (seed {seed_used})")
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    folder: Path,
+    kv: Annotated[bool, typer.Option("--kv/--no-kv", help="A KV checkpoint, or one without reuse (like 4B)")] = True,
+) -> None:
+    """Write a tiny random-weight FLUX.2 klein pipeline (images are noise; for tests and demos)."""
+    from kleinfarm.worker.engine.random_model import make_tiny_model as build
+
+    console.print(f"tiny model written to {build(folder, kv=kv)}")

@@ -1,0 +1,208 @@
+"""Reference-set affinity routing, late-binding: the farm's own policy (``docs/routing.md``).
+
+Late binding: a job is chosen *for a worker* when that worker has a free slot, using what the
+worker holds at that moment. For a free worker, in order:
+
+1. a pending job whose reference set it holds (or has been handed already): no K/V to build;
+2. a reference set that fewer workers hold than its backlog needs, so a hot set spreads over
+   ``ceil(backlog / fair share)`` workers and is built only that many times; among those, the
+   worker's own rendezvous-hash order, so free workers pick different sets deterministically;
+3. a job without references (they fill the gaps: any worker serves them equally well);
+4. a job of a set held elsewhere, only if its holders' backlog outlasts building it here.
+
+Load is counted in seconds of work (``costmodel.py``), and a worker whose queued work exceeds
+``cap`` times the mean takes nothing more until the others catch up (bounded load).
+
+A worker kept off some campaigns chooses among the jobs it may take, so a blocked campaign at
+the head of the queue neither wastes its slot nor stalls the round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kleinfarm.shared.routing.pending import PendingIndex
+from kleinfarm.shared.routing.policy import Decision, PendingJob, Policy, Round, WorkerState, commit
+
+LOAD_CAP = 1.25
+SPREAD_SLACK = 2.0
+
+
+@dataclass(frozen=True)
+class Take:
+    """A decision: the worker takes the next job of ``route`` (None: a job without references)."""
+
+    route: str | None
+
+
+def rendezvous(route: str, identity: str) -> int:
+    """Highest-random-weight score: each worker ranks the reference sets in its own stable order."""
+    return int.from_bytes(hashlib.blake2b(f"{route}|{identity}".encode(), digest_size=8).digest(), "big")
+
+
+class Owners:
+    """Each reference set's workers in rendezvous order, memoized: its first ``k`` are its owners."""
+
+    def __init__(self, identities: Iterable[str]) -> None:
+        self.identities = sorted(identities)
+        self._ranks: dict[str, dict[str, int]] = {}
+
+    def rank(self, route: str, identity: str) -> int:
+        ranks = self._ranks.get(route)
+        if ranks is None:
+            order = sorted(self.identities, key=lambda name: rendezvous(route, name), reverse=True)
+            ranks = self._ranks[route] = {name: index for index, name in enumerate(order)}
+        return ranks.get(identity, len(self.identities))
+
+
+def desired_holders(backlog_s: float, fair_s: float, workers: int) -> int:
+    """How many workers a reference set's backlog should spread over.
+
+    A set spreads only once its backlog passes ``SPREAD_SLACK`` fair shares: a worker busy with
+    one set while others finish is cheaper than building the set again elsewhere, until then.
+    """
+    if fair_s <= 0:
+        return 1
+    return max(1, min(workers, math.ceil(backlog_s / (SPREAD_SLACK * fair_s) - 1e-9)))
+
+
+def over_cap(worker: WorkerState, mean_queued_s: float, cap: float = LOAD_CAP) -> bool:
+    """Bounded load: a worker with work queued beyond ``cap`` x the mean waits its turn."""
+    return worker.queued_s > 0 and worker.queued_s > cap * mean_queued_s
+
+
+def choose_route(
+    worker: WorkerState,
+    pending: PendingIndex,
+    holders: Mapping[str, int],
+    workers: int,
+    fair_s: float,
+    owners: Owners | None = None,
+) -> Take | None:
+    """Where ``worker`` should take its next job from; None when it should wait.
+
+    ``holders`` counts, per route, the workers holding it or already handed a job of it.
+    """
+    if not pending:
+        return None
+    top = pending.top_priority
+    held = [route for route in worker.holds if route in pending and pending.head_priority(route) == top]
+    if held:
+        return Take(max(held, key=lambda route: pending.backlog_s[route]))
+    window = [route for route in pending.window() if pending.head_priority(route) == top]
+    wanted = {
+        route: desired
+        for route in window
+        if route is not None
+        and holders.get(route, 0) < (desired := desired_holders(pending.backlog_s[route], fair_s, workers))
+    }
+    owned = [route for route in wanted if owners is None or owners.rank(route, worker.identity) < wanted[route]]
+    if owned:
+        return Take(owned[0])
+    if None in window:
+        return Take(None)
+    if wanted:
+        return Take(next(iter(wanted)))
+    return _worth_stealing(window, pending, holders)
+
+
+def _worth_stealing(window: list[str | None], pending: PendingIndex, holders: Mapping[str, int]) -> Take | None:
+    """A set whose holders would take longer to clear it than this worker takes to build it."""
+    best: tuple[float, str] | None = None
+    for route in window:
+        if route is None:
+            continue
+        head = pending.queues[route][0]
+        gain = pending.backlog_s[route] / max(holders.get(route, 0), 1) - (head.build_s + head.work_s)
+        if gain > 0 and (best is None or gain > best[0]):
+            best = (gain, route)
+    return Take(best[1]) if best else None
+
+
+class _Choices:
+    """What each worker may choose from this round: the pending index, less its blocked campaigns.
+
+    A worker kept off campaigns sees a filtered copy of the index (one per distinct set of blocked
+    campaigns, made once a round); every job taken comes out of the real index and of every copy,
+    so they stay in step. With no exclusions, every worker sees the real index itself.
+    """
+
+    def __init__(self, round: Round) -> None:
+        self.round = round
+        self._views: dict[frozenset[str], PendingIndex] = {}
+
+    def for_worker(self, worker: WorkerState) -> PendingIndex:
+        if not self.round.exclusions:
+            return self.round.pending
+        blocked = self.round.blocked(worker)
+        if not blocked:
+            return self.round.pending
+        view = self._views.get(blocked)
+        if view is None:
+            view = self._views[blocked] = self.round.pending.excluding(blocked)
+        return view
+
+    def take(self, index: PendingIndex, route: str | None) -> PendingJob:
+        """The oldest job of ``route`` in ``index``, taken out of the round."""
+        if index is self.round.pending and not self._views:
+            return index.pop(route)  # no copies to keep in step
+        job = index.queues[route][0]
+        self.round.pending.remove(job)
+        for blocked, view in self._views.items():
+            if job.campaign not in blocked:
+                view.remove(job)
+        return job
+
+
+class AffinityPolicy(Policy):
+    """The farm's policy: late binding by reference-set affinity, under bounded load.
+
+    ``identities``: every worker of the farm, for the rendezvous order, when a round offers only
+    the free ones (the simulator). Without it, the order is over the round's workers, kept
+    from round to round while they stay the same (the ranks are memoized).
+    """
+
+    name: ClassVar[str] = "kleinfarm"
+
+    def __init__(self, identities: Iterable[str] | None = None) -> None:
+        self._fixed = identities is not None
+        self._owners = Owners(identities or ())
+
+    def owners(self, workers: list[WorkerState]) -> Owners:
+        if not self._fixed:
+            identities = sorted(worker.identity for worker in workers)
+            if identities != self._owners.identities:
+                self._owners = Owners(identities)
+        return self._owners
+
+    def assign(self, round: Round) -> list[Decision]:
+        """Hand jobs to the workers with a free slot, least loaded first, until none takes one more.
+
+        The states and ``round.holders`` are updated as decisions are made, so one round stays
+        consistent.
+        """
+        pending, workers, holders = round.pending, round.workers, round.holders
+        size = round.farm_size or len(workers)
+        queued = sum(worker.queued_s for worker in workers) if round.farm_queued_s is None else round.farm_queued_s
+        owners = self.owners(workers)
+        choices = _Choices(round)
+        decisions: list[Decision] = []
+        progress = True
+        while progress and pending:
+            progress = False
+            mean_queued, fair_s = queued / max(size, 1), (pending.total_s + queued) / max(size, 1)
+            for worker in sorted(workers, key=lambda state: (state.queued_s, state.worker_id)):
+                if worker.free_slots <= 0 or over_cap(worker, mean_queued) or not pending:
+                    continue
+                index = choices.for_worker(worker)
+                take = choose_route(worker, index, holders, size, fair_s, owners)
+                if take is None:
+                    continue
+                decisions.append(commit(worker, choices.take(index, take.route), holders))
+                queued += decisions[-1].cost_s
+                progress = True
+        return decisions

@@ -1,0 +1,117 @@
+"""The pending jobs of one round, indexed by route for the affinity policy's questions.
+
+Part of the interface (``policy.py`` re-exports both): the job as a policy sees it, and the index.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+WINDOW_ROUTES = 64  # how far down the pending queue a decision looks, in distinct reference sets
+
+
+@dataclass
+class PendingJob:
+    """A job waiting for a worker, as a policy sees it."""
+
+    job_id: str
+    route: str | None  # reference-set routing key; None for a job without references
+    work_s: float  # seconds when its K/V are held (or it has none)
+    build_s: float  # seconds a miss adds
+    priority: int = 0
+    campaign: str | None = None  # for exclusions: a campaign may keep some workers off its jobs
+
+
+class PendingIndex:
+    """Pending jobs by route, routes in the order their oldest job arrived, jobs FIFO within.
+
+    It also keeps every job's arrival order (``jobs``), for the policies that place jobs one by one.
+    """
+
+    def __init__(self, jobs: Iterable[PendingJob] = ()) -> None:
+        self.queues: OrderedDict[str | None, deque[PendingJob]] = OrderedDict()
+        self.backlog_s: dict[str | None, float] = {}
+        self.total_s = 0.0
+        self._priorities: dict[int, int] = {}
+        # Keyed by object identity, not job_id: a copy shares the jobs, and ids need not be unique.
+        self._order: dict[int, PendingJob] = {}
+        for job in jobs:
+            self.add(job)
+
+    def __bool__(self) -> bool:
+        return bool(self.queues)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, route: object) -> bool:
+        return route in self.queues
+
+    def add(self, job: PendingJob) -> None:
+        self.queues.setdefault(job.route, deque()).append(job)
+        self.backlog_s[job.route] = self.backlog_s.get(job.route, 0.0) + job.work_s
+        self.total_s += job.work_s
+        self._priorities[job.priority] = self._priorities.get(job.priority, 0) + 1
+        self._order[id(job)] = job
+
+    def pop(self, route: str | None) -> PendingJob:
+        """Take the oldest job of ``route``."""
+        job = self.queues[route].popleft()
+        self._forget(job)
+        return job
+
+    def remove(self, job: PendingJob) -> None:
+        """Take out ``job``, wherever it is in its route's queue (KeyError if it is not pending)."""
+        queue = self.queues[job.route]
+        if queue[0] is job:  # the usual case: cheap
+            queue.popleft()
+        else:
+            # By identity: equal jobs (same fields) may both be pending, and only this one goes.
+            position = next((index for index, queued in enumerate(queue) if queued is job), None)
+            if position is None:
+                raise KeyError(job.job_id)
+            del queue[position]
+        self._forget(job)
+
+    def _forget(self, job: PendingJob) -> None:
+        """Update the totals for a job just taken out of its route's queue."""
+        self.backlog_s[job.route] -= job.work_s
+        self.total_s -= job.work_s
+        self._priorities[job.priority] -= 1
+        if not self._priorities[job.priority]:
+            del self._priorities[job.priority]
+        del self._order[id(job)]
+        if not self.queues[job.route]:
+            del self.queues[job.route]
+            del self.backlog_s[job.route]
+
+    def excluding(self, campaigns: frozenset[str]) -> PendingIndex:
+        """A copy without the jobs of ``campaigns``, in the same order (routes and jobs alike).
+
+        The copy shares the job objects, so a job chosen from it can be ``remove``-d from this one.
+        """
+        copy = PendingIndex()
+        for queue in self.queues.values():
+            for job in queue:
+                if job.campaign not in campaigns:
+                    copy.add(job)
+        # Routes were added in this index's route order; the arrival order is this index's too.
+        copy._order = {key: job for key, job in self._order.items() if key in copy._order}
+        return copy
+
+    @property
+    def top_priority(self) -> int:
+        return max(self._priorities)
+
+    def head_priority(self, route: str | None) -> int:
+        return self.queues[route][0].priority
+
+    def window(self) -> Iterator[str | None]:
+        return islice(self.queues, WINDOW_ROUTES)
+
+    def jobs(self) -> Iterator[PendingJob]:
+        """Every pending job, in the order it was added."""
+        return iter(self._order.values())

@@ -1,0 +1,84 @@
+"""The state graph: every move is a named rule, and the one Lua script refuses anything else."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kleinfarm.producer.client import FarmClient
+from kleinfarm.producer.localfarm.services import RedisServer
+from kleinfarm.shared import keys
+from kleinfarm.shared.jobs import Campaign
+from kleinfarm.shared.settings import FarmSettings
+from kleinfarm.shared.states import TERMINAL_STATES, TRANSITIONS, JobState, Move, rule_for
+
+ROOT = Path(__file__).parent.parent
+DATABASE = 8
+
+
+@pytest.fixture()
+def farm(redis_server: RedisServer) -> Iterator[FarmClient]:
+    client = FarmClient(FarmSettings(redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{DATABASE}"))
+    client.state.redis.flushdb()
+    yield client
+    client.state.redis.flushdb()
+
+
+def test_every_state_but_the_terminal_ones_can_be_left_and_every_move_is_named() -> None:
+    sources = {state for rule in TRANSITIONS.values() for state in rule.sources}
+    assert sources | TERMINAL_STATES == set(JobState)
+    assert set(TRANSITIONS) == set(Move)
+    with pytest.raises(ValueError, match="cannot lead to"):
+        rule_for(Move.CANCEL, JobState.SUCCEEDED)
+
+
+def test_the_script_refuses_a_move_from_a_state_the_rule_does_not_list(farm: FarmClient) -> None:
+    state = farm.state
+    handle = farm.submit(Campaign.from_raw("graph", [{"prompt": "p"}]))
+    (job_id,) = state.job_ids(handle.id)
+    assert not state.move(job_id, Move.CLAIM, JobState.RUNNING).changed  # pending: not claimable
+    assert not state.move(job_id, Move.FINISH, JobState.SUCCEEDED).changed
+    attempt = state.assign(job_id, "w1", 1.5)
+    assert attempt == 1 and state.assign(job_id, "w2", 1.5) == 0  # taken: no second assignment
+    assert not state.move(job_id, Move.CLAIM, JobState.RUNNING, if_attempt=2, if_worker="w1").changed
+    assert state.move(job_id, Move.CLAIM, JobState.RUNNING, if_attempt=1, if_worker="w1").changed
+    assert not state.move(job_id, Move.CANCEL, JobState.CANCELLED).changed  # only a pending job is cancelled
+    assert state.move(job_id, Move.FINISH, JobState.SUCCEEDED, if_attempt=1, if_worker="w1").closed_campaign
+    status = state.status(handle.id)
+    assert (status.pending, status.running, status.succeeded) == (0, 0, 1)
+    assert farm.state.redis.zscore(keys.worker_assigned("w1"), job_id) == 1.5
+
+
+def test_a_requeued_job_goes_back_to_the_queue_and_a_paused_campaign_keeps_it_aside(farm: FarmClient) -> None:
+    state = farm.state
+    handle = farm.submit(Campaign.from_raw("requeue", [{"prompt": "a"}, {"prompt": "b"}]))
+    first, second = state.job_ids(handle.id)
+    for job_id in (first, second):
+        state.assign(job_id, "w1", 1.0)
+    assert state.move(first, Move.REQUEUE, JobState.PENDING, if_worker="w1").changed
+    assert state.redis.zrange(keys.PENDING, 0, -1) == [first]
+    state.redis.hset(keys.campaign(handle.id), "paused", 1)
+    assert state.move(second, Move.REQUEUE, JobState.PENDING, if_worker="w1").changed
+    assert state.redis.zrange(keys.campaign_paused(handle.id), 0, -1) == [second]
+
+
+def test_every_redis_key_is_built_in_keys_py_and_documented() -> None:
+    """No module or script builds a key of its own; docs/redis.md names every key."""
+    builders = re.compile(r"""f?["']kf[:.]|\{PREFIX\}|\.\. *['"]:""")
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("shared", "producer", "worker")
+        for path in (ROOT / folder).rglob("*")
+        if path.suffix in (".py", ".lua") and path.name != "keys.py" and builders.search(path.read_text())
+    ]
+    assert offenders == []
+    schema = (ROOT / "docs" / "redis.md").read_text()
+    source = (ROOT / "shared" / "keys.py").read_text()
+    names = re.findall(r"^def (\w+)\(", source, re.MULTILINE) + re.findall(r"^([A-Z_]+) = f", source, re.MULTILINE)
+    undocumented = [
+        name for name in names if f"`{name}" not in schema and name not in ("job_id", "campaign_of", "local_id_of")
+    ]
+    assert undocumented == []

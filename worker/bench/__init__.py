@@ -1,0 +1,1 @@
+"""Benchmarks that run on a worker's machine (``kleinfarm bench kv``)."""

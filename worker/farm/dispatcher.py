@@ -1,0 +1,157 @@
+"""Late binding: pending jobs go to a worker only when it has room, chosen with what it holds now.
+
+Routing is *decided* by a policy (``kleinfarm.shared.routing``, pure logic the simulator runs
+too) and *applied* here. Every worker process runs a dispatcher thread; a Redis lock elects one
+leader at a time, so any number may run and the farm keeps dispatching when the leader dies. Each
+worker holds at most ``worker_slots`` jobs (one running, one waiting), so no job waits behind a
+busy or dead worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+from celery import Celery
+from redis.exceptions import LockError, RedisError
+
+from kleinfarm.shared import keys
+from kleinfarm.shared.broker import EDIT_TASK, GENERATE_TASK
+from kleinfarm.shared.control import CampaignControl
+from kleinfarm.shared.registry import Registry, WorkerView
+from kleinfarm.shared.routing import AffinityPolicy, PendingIndex, PendingJob, Policy, Round, WorkerState
+from kleinfarm.shared.state import FarmState
+
+log = logging.getLogger(__name__)
+WINDOW_JOBS = 2048  # how deep into the pending queue one dispatch round looks
+PROMPT_SHOWN_CHARS = 200
+
+
+class Dispatcher:
+    """Moves jobs from the pending queue to workers' own Celery queues."""
+
+    def __init__(
+        self, app: Celery, state: FarmState, registry: Registry, tick_s: float, policy: Policy | None = None
+    ) -> None:
+        self.app = app
+        self.state = state
+        self.registry = registry
+        self.tick_s = tick_s
+        self.policy = policy or AffinityPolicy()
+        self.stopping = threading.Event()
+        self.control = CampaignControl(state)
+        self._lock = state.redis.lock(keys.DISPATCHER_LOCK, timeout=max(3 * tick_s, 5.0))
+        self._leading = False
+
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.tick()
+            except RedisError:
+                log.exception("dispatcher lost Redis; retrying")
+                self._leading = False
+                self.stopping.wait(self.tick_s)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._leading:
+            with contextlib.suppress(LockError):
+                self._lock.release()
+
+    def tick(self) -> None:
+        """Lead if we can; reap lapsed workers; dispatch; then wait for the next wake-up."""
+        if not self._lead():
+            self.stopping.wait(self.tick_s)
+            return
+        for worker_id in self.registry.lapsed_workers():
+            requeued = self.registry.retire(worker_id, reason=f"heartbeat of {worker_id} lapsed")
+            log.warning("worker %s lapsed: %d job(s) requeued", worker_id, requeued)
+        self.dispatch()
+        # Block on the wake list, not a timer: submissions and finished jobs push to it.
+        self.state.redis.blpop([keys.WAKE], timeout=self.tick_s)
+        self.state.redis.delete(keys.WAKE)
+
+    def _lead(self) -> bool:
+        if self._leading:
+            try:
+                self._lock.reacquire()
+                return True
+            except LockError:
+                self._leading = False
+                return False
+        if self._lock.acquire(blocking=False):
+            self._leading = True
+            self._reissue_unclaimed()
+        return self._leading
+
+    def dispatch(self) -> int:
+        """Fill every worker's free slots from the head of the pending queue; return jobs dispatched."""
+        views = {view.worker_id: view for view in self.registry.live_workers()}
+        if not any(view.room for view in views.values()):
+            return 0
+        job_ids: list[str] = self.state.redis.zrange(keys.PENDING, 0, WINDOW_JOBS - 1)  # type: ignore[assignment]
+        if not job_ids:
+            return 0
+        dispatched = 0
+        for decision in self.policy.assign(self._round(job_ids, views)):
+            view = views[decision.worker.worker_id]
+            attempt = self.state.assign(decision.job.job_id, view.worker_id, decision.cost_s)
+            if attempt:
+                self.publish(decision.job.job_id, attempt, view)
+                dispatched += 1
+        return dispatched
+
+    def _round(self, job_ids: list[str], views: dict[str, WorkerView]) -> Round:
+        """The policy's whole input: the queue's head, the workers, who holds what, who is kept off what."""
+        pending_jobs = [
+            PendingJob(job_id, info.route, info.work_s, info.build_s, info.priority, keys.campaign_of(job_id))
+            if info
+            else PendingJob(job_id, None, 1.0, 0.0, 0, keys.campaign_of(job_id))  # no routing record: like a generate
+            for job_id, info in zip(job_ids, self.state.routing(job_ids), strict=True)
+        ]
+        workers = [self._worker_state(view) for view in views.values()]
+        holders: dict[str, int] = {}
+        for worker in workers:
+            for route in worker.holds:
+                holders[route] = holders.get(route, 0) + 1
+        exclusions = self.control.exclusions({job.campaign for job in pending_jobs if job.campaign})
+        return Round(PendingIndex(pending_jobs), workers, holders, exclusions=exclusions)
+
+    def _worker_state(self, view: WorkerView) -> WorkerState:
+        """Holdings: what the worker reports cached, plus the sets of the jobs already handed to it."""
+        handed = [info.route for info in self.state.routing(list(view.assigned)) if info and info.route]
+        return WorkerState(view.worker_id, view.identity, view.queued_s, view.room, view.routes | set(handed))
+
+    def publish(self, job_id: str, attempt: int, worker: WorkerView) -> None:
+        """Send the job as a Celery task to the worker's queue, with arguments Flower can show."""
+        record = self.state.job(job_id)
+        spec = record.spec
+        self.app.send_task(
+            EDIT_TASK if record.references else GENERATE_TASK,
+            kwargs={
+                "job": job_id,
+                "attempt": attempt,
+                "campaign": record.campaign_id,
+                "prompt": str(spec["prompt"])[:PROMPT_SHOWN_CHARS],
+                "size": f"{spec['width']}x{spec['height']}",
+                "seed": spec.get("seed"),
+                "references": len(record.references),
+            },
+            queue=worker.queue,
+            task_id=f"{job_id.replace('/', '.')}.{attempt}",
+        )
+
+    def _reissue_unclaimed(self) -> None:
+        """A new leader re-sends what its predecessor assigned but may have died before sending.
+
+        The attempt is bumped, so if the old message did arrive its claim fails and it is skipped.
+        """
+        for worker in self.registry.live_workers():
+            for job_id in self.registry.assigned(worker.worker_id):
+                attempt = self.state.redis.hget(keys.job(job_id), "attempt")
+                if attempt is None:
+                    continue
+                bumped = self.state.reissue(job_id, int(str(attempt)))
+                if bumped:
+                    self.publish(job_id, bumped, worker)
