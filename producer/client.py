@@ -129,7 +129,7 @@ class CampaignHandle:
         return dropped
 
     def pause(self) -> int:
-        """Hold the queued jobs (running ones finish); return how many were held."""
+        """Set the queued jobs aside (running ones finish); return how many."""
         return CampaignControl(self.client.state).pause(self.id)
 
     def resume(self) -> int:

@@ -28,6 +28,19 @@ def redis_server() -> Iterator[RedisServer]:
         yield server  # type: ignore[misc]
 
 
+# A database of its own: the session's worker processes serve database 0 and would take its jobs.
+SCRATCH_DATABASE = 7
+
+
+@pytest.fixture()
+def scratch_farm(redis_server: RedisServer) -> Iterator[FarmClient]:
+    """A client of an empty farm no worker process serves (tests drive its parts by hand)."""
+    client = FarmClient(FarmSettings(redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{SCRATCH_DATABASE}"))
+    client.state.redis.flushdb()
+    yield client
+    client.state.redis.flushdb()
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     with S3Server() as server:

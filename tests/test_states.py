@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kleinfarm.producer.client import FarmClient
-from kleinfarm.producer.localfarm.services import RedisServer
 from kleinfarm.shared import keys
 from kleinfarm.shared.jobs import Campaign
-from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.states import TERMINAL_STATES, TRANSITIONS, JobState, Move, rule_for
 
 ROOT = Path(__file__).parent.parent
-DATABASE = 8
-
-
-@pytest.fixture()
-def farm(redis_server: RedisServer) -> Iterator[FarmClient]:
-    client = FarmClient(FarmSettings(redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{DATABASE}"))
-    client.state.redis.flushdb()
-    yield client
-    client.state.redis.flushdb()
 
 
 def test_every_state_but_the_terminal_ones_can_be_left_and_every_move_is_named() -> None:
@@ -35,9 +23,9 @@ def test_every_state_but_the_terminal_ones_can_be_left_and_every_move_is_named()
         rule_for(Move.CANCEL, JobState.SUCCEEDED)
 
 
-def test_the_script_refuses_a_move_from_a_state_the_rule_does_not_list(farm: FarmClient) -> None:
-    state = farm.state
-    handle = farm.submit(Campaign.from_raw("graph", [{"prompt": "p"}]))
+def test_the_script_refuses_a_move_from_a_state_the_rule_does_not_list(scratch_farm: FarmClient) -> None:
+    state = scratch_farm.state
+    handle = scratch_farm.submit(Campaign.from_raw("graph", [{"prompt": "p"}]))
     (job_id,) = state.job_ids(handle.id)
     assert not state.move(job_id, Move.CLAIM, JobState.RUNNING).changed  # pending: not claimable
     assert not state.move(job_id, Move.FINISH, JobState.SUCCEEDED).changed
@@ -49,12 +37,12 @@ def test_the_script_refuses_a_move_from_a_state_the_rule_does_not_list(farm: Far
     assert state.move(job_id, Move.FINISH, JobState.SUCCEEDED, if_attempt=1, if_worker="w1").closed_campaign
     status = state.status(handle.id)
     assert (status.pending, status.running, status.succeeded) == (0, 0, 1)
-    assert farm.state.redis.zscore(keys.worker_assigned("w1"), job_id) == 1.5
+    assert scratch_farm.state.redis.zscore(keys.worker_assigned("w1"), job_id) == 1.5
 
 
-def test_a_requeued_job_goes_back_to_the_queue_and_a_paused_campaign_keeps_it_aside(farm: FarmClient) -> None:
-    state = farm.state
-    handle = farm.submit(Campaign.from_raw("requeue", [{"prompt": "a"}, {"prompt": "b"}]))
+def test_a_requeued_job_goes_back_to_the_queue_and_a_paused_campaign_keeps_it_aside(scratch_farm: FarmClient) -> None:
+    state = scratch_farm.state
+    handle = scratch_farm.submit(Campaign.from_raw("requeue", [{"prompt": "a"}, {"prompt": "b"}]))
     first, second = state.job_ids(handle.id)
     for job_id in (first, second):
         state.assign(job_id, "w1", 1.0)

@@ -1,5 +1,5 @@
--- Move one member between sorted sets, keeping its score (pause and resume of a campaign).
--- KEYS[1] from, KEYS[2] to; ARGV[1] member. Returns 1 if moved, 0 if it was not in KEYS[1].
+-- Move one job id between sorted sets, keeping its score (pause and resume of a campaign).
+-- KEYS[1] from, KEYS[2] to; ARGV[1] job id. Returns 1 if moved, 0 if it was not in KEYS[1].
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
