@@ -76,7 +76,7 @@ def campaign_worker_failures(campaign_id: str) -> str:
 
 # -- jobs ----------------------------------------------------------------------------------------------
 def job(job_id: str) -> str:
-    """hash: spec (JSON), state, attempt, worker, score, local_id, kind, seed, width, height, route;
+    """hash: spec (JSON), state, attempt, worker, score, kind, seed, width, height, route;
     then refset, kv, key, error, timings, started, finished, progress as the job runs. Written at
     submit; state, attempt and worker only by transition.lua. Lives for ever."""
     return f"{PREFIX}:job:{job_id}"

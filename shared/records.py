@@ -45,11 +45,10 @@ class JobRecord:
     progress: str | None = None
 
     @classmethod
-    def from_hash(cls, campaign_id: str, fields: dict[str, str]) -> JobRecord:
-        local_id = fields["local_id"]
+    def from_hash(cls, job_id: str, fields: dict[str, str]) -> JobRecord:
         return cls(
-            job_id=keys.job_id(campaign_id, local_id),
-            local_id=local_id,
+            job_id=job_id,
+            local_id=keys.local_id_of(job_id),
             state=JobState(fields["state"]),
             attempt=int(fields.get("attempt") or 0),
             spec=json.loads(fields.get("spec") or "{}"),

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from kleinfarm.shared import keys
+from kleinfarm.shared.errors import JobNotFoundError
 from kleinfarm.shared.records import WorkerReport
 from kleinfarm.shared.state import FarmState
 from kleinfarm.shared.states import JobState, Move
@@ -114,7 +115,10 @@ class Registry:
         return requeued
 
     def _requeue(self, worker_id: str, job_id: str, reason: str) -> int:
-        record = self.state.job(job_id)
+        try:
+            record = self.state.job(job_id)
+        except JobNotFoundError:
+            return 0  # its campaign's records are gone: nothing to requeue
         if record.attempt >= MAX_ATTEMPTS and record.state == JobState.RUNNING:
             message = f"worker lost {MAX_ATTEMPTS} times while rendering this job (last: {reason})"
             outcome = self.state.move(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.2-klein-9b-kv"
@@ -49,6 +49,18 @@ class FarmSettings(BaseSettings):
     # Longer than the longest job, or kombu redelivers a running task (celery #5306, #5935).
     visibility_timeout_s: int = 4 * 3600
     worker_slots: int = Field(default=2, description="jobs a worker may hold: one running, one waiting")
+    # Which routing policy the dispatcher applies (kleinfarm.shared.routing.POLICIES); the
+    # baselines are there to compare against, ``kleinfarm`` is the farm's own.
+    routing_policy: str = "kleinfarm"
+
+    @field_validator("routing_policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        from kleinfarm.shared.routing import POLICIES
+
+        if name not in POLICIES:
+            raise ValueError(f"routing_policy {name!r} is not one of {', '.join(POLICIES)}")
+        return name
 
     @classmethod
     def from_env(cls, env_file: Path | None = None) -> FarmSettings:

@@ -88,7 +88,7 @@ class FarmState:
                 score = -priority * PRIORITY_WEIGHT + first_seq + offset
                 scores[job_id] = score
                 record: dict[Any, Any] = {**job.fields, "spec": json.dumps(job.spec), "state": "pending", "attempt": 0}
-                pipe.hset(keys.job(job_id), mapping={**record, "score": score, "local_id": job.local_id})
+                pipe.hset(keys.job(job_id), mapping={**record, "score": score})
             pipe.hset(
                 keys.ROUTING, mapping={keys.job_id(campaign_id, job.local_id): job.routing.encode() for job in chunk}
             )
@@ -120,10 +120,11 @@ class FarmState:
         ids = self.job_ids(campaign_id)
         for start in range(0, len(ids), PIPELINE_CHUNK):
             pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids[start : start + PIPELINE_CHUNK]:
+            chunk = ids[start : start + PIPELINE_CHUNK]
+            for job_id in chunk:
                 pipe.hgetall(keys.job(job_id))
-            for fields in pipe.execute():
-                yield JobRecord.from_hash(campaign_id, fields)
+            for job_id, fields in zip(chunk, pipe.execute(), strict=True):
+                yield JobRecord.from_hash(job_id, fields)
 
     def request_cancel(self, campaign_id: str, reason: str = "campaign cancelled") -> int:
         """Mark the campaign cancelled and cancel its jobs still pending; return how many."""
@@ -159,7 +160,7 @@ class FarmState:
         fields: dict[str, str] = self.redis.hgetall(keys.job(job_id))  # type: ignore[assignment]
         if not fields:
             raise JobNotFoundError(f"job {job_id!r} is not known to this farm")
-        return JobRecord.from_hash(keys.campaign_of(job_id), fields)
+        return JobRecord.from_hash(job_id, fields)
 
     def move(
         self,

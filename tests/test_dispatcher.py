@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.shared import keys
 from kleinfarm.shared.broker import make_celery
@@ -9,6 +11,7 @@ from kleinfarm.shared.control import BLOCKLIST_THRESHOLD, CampaignControl
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.records import WorkerReport
 from kleinfarm.shared.registry import Registry
+from kleinfarm.shared.routing import POLICIES, policy_by_name
 from kleinfarm.shared.states import JobState
 from kleinfarm.worker.farm.dispatcher import Dispatcher
 
@@ -41,11 +44,17 @@ def test_a_blocked_campaign_at_the_head_of_the_queue_does_not_stop_another_in_th
     assert scratch_farm.state.redis.zcard(keys.PENDING) == 4
 
 
-def test_a_worker_with_room_gets_the_head_of_the_queue_and_a_full_one_nothing(scratch_farm: FarmClient) -> None:
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_a_worker_with_room_gets_the_head_of_the_queue_and_a_full_one_nothing(
+    scratch_farm: FarmClient, policy: str
+) -> None:
     registry = Registry(scratch_farm.state, lapse_s=60)
     register(registry, "w1", "host-gpu0")
     handle = scratch_farm.submit(Campaign.from_raw("plain", [{"prompt": f"p{i}"} for i in range(5)]))
-    dispatcher = Dispatcher(make_celery(scratch_farm.settings), scratch_farm.state, registry, tick_s=1.0)
+    settings = scratch_farm.settings.model_copy(update={"routing_policy": policy})
+    dispatcher = Dispatcher(
+        make_celery(settings), scratch_farm.state, registry, tick_s=1.0, policy=policy_by_name(settings.routing_policy)
+    )
     assert dispatcher.dispatch() == 2  # two slots: one running, one waiting
     assert dispatcher.dispatch() == 0
     assigned = [job.local_id for job in scratch_farm.state.jobs(handle.id) if job.state == JobState.ASSIGNED]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from kleinfarm.shared.settings import FarmSettings
 
@@ -46,3 +47,9 @@ def test_every_deploy_file_parses_and_names_only_real_settings() -> None:
         assert text.startswith("#") and "FROM " in text and "ENTRYPOINT" in text
         named |= set(re.findall(r"KLEINFARM_[A-Z0-9_]+", text))
     assert named and not named - fields
+
+
+def test_an_unknown_routing_policy_is_refused_with_the_known_ones_named() -> None:
+    assert FarmSettings(routing_policy="least_loaded").routing_policy == "least_loaded"
+    with pytest.raises(ValidationError, match="kleinfarm"):
+        FarmSettings(routing_policy="fastest")

@@ -40,6 +40,13 @@ def test_the_script_refuses_a_move_from_a_state_the_rule_does_not_list(scratch_f
     assert scratch_farm.state.redis.zscore(keys.worker_assigned("w1"), job_id) == 1.5
 
 
+def test_a_stale_queue_entry_whose_job_is_gone_is_dropped_not_assigned(scratch_farm: FarmClient) -> None:
+    state = scratch_farm.state
+    state.redis.zadd(keys.PENDING, {"gone/job-0": 1.0})
+    assert state.assign("gone/job-0", "w1", 1.0) == 0
+    assert state.redis.zcard(keys.PENDING) == 0 and state.redis.zcard(keys.worker_assigned("w1")) == 0
+
+
 def test_a_requeued_job_goes_back_to_the_queue_and_a_paused_campaign_keeps_it_aside(scratch_farm: FarmClient) -> None:
     state = scratch_farm.state
     handle = scratch_farm.submit(Campaign.from_raw("requeue", [{"prompt": "a"}, {"prompt": "b"}]))

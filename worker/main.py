@@ -34,6 +34,7 @@ def run_worker(
 
     # Imported only now: torch must not initialise CUDA before the card is pinned.
     from kleinfarm.shared.broker import make_celery
+    from kleinfarm.shared.routing import policy_by_name
     from kleinfarm.worker import context
     from kleinfarm.worker.context import WorkerContext, default_identity
     from kleinfarm.worker.engine import RenderEngine
@@ -54,7 +55,7 @@ def run_worker(
         log.info("metrics on port %d", ctx.metrics_port)
     app = make_celery(settings)
     register_tasks(app)
-    dispatcher = Dispatcher(app, ctx.state, ctx.registry, settings.heartbeat_s)
+    dispatcher = Dispatcher(app, ctx.state, ctx.registry, settings.heartbeat_s, policy_by_name(settings.routing_policy))
     stop = threading.Event()
     threads = [
         threading.Thread(target=beat_until, args=(ctx, stop), name="heartbeat", daemon=True),

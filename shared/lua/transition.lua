@@ -23,11 +23,15 @@ end
 local job, campaign, pending, paused, events, assigned = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local target = ARGV[1]
 local cond = cjson.decode(ARGV[2])
+if cond['assign'] and (assigned == '' or not cond['dequeue']) then
+  return redis.error_reply('an assignment names the worker\'s assigned zset and the job to dequeue')
+end
+-- A job leaving the queue is taken out of it first, even a stale entry whose job is gone:
+-- whoever removes it owns the change.
+if cond['dequeue'] and redis.call('ZREM', pending, cond['dequeue']) == 0 then return {0, '', -1, 0} end
 local current = redis.call('HGET', job, 'state')
 if not current then return {-1, '', -1, 0} end
-local attempt = redis.call('HGET', job, 'attempt') or '0'
--- A job leaving the queue is taken out of it first: whoever removes it owns the change.
-if cond['dequeue'] and redis.call('ZREM', pending, cond['dequeue']) == 0 then return {0, current, -1, attempt} end
+local attempt = redis.call('HGET', job, 'attempt')
 local allowed = false
 for _, state in ipairs(cond['from']) do
   if state == current then allowed = true end
@@ -39,11 +43,16 @@ if cond['set'] then
   for field, value in pairs(cond['set']) do redis.call('HSET', job, field, value) end
 end
 if cond['assign'] then
-  attempt = tostring(redis.call('HINCRBY', job, 'attempt', 1))
+  redis.call('HINCRBY', job, 'attempt', 1)
   redis.call('HSET', job, 'worker', cond['assign']['worker'])
   redis.call('ZADD', assigned, cond['assign']['estimate_s'], cond['dequeue'])
 end
+attempt = redis.call('HGET', job, 'attempt')
 redis.call('HSET', job, 'state', target)
+if cond['assign'] then
+  -- Handing a job to a worker changes no counter and nothing a waiting client reports.
+  return {1, current, -1, attempt}
+end
 local now = redis.call('TIME')
 redis.call('HSET', campaign, 'changed_at', now[1] + now[2] / 1e6)
 if bucket(current) ~= bucket(target) then

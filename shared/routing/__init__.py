@@ -1,7 +1,8 @@
 """Routing policies behind one interface (``policy.Policy``), one file each (``docs/routing.md``).
 
 ``kleinfarm`` (``affinity.py``) is the farm's own; the others are baselines the simulator
-(``kleinfarm bench routing``) runs against it, and the farm can run too.
+(``kleinfarm bench routing``) runs against it, and the farm's dispatcher can apply instead
+(``KLEINFARM_ROUTING_POLICY``).
 """
 
 from __future__ import annotations

@@ -52,6 +52,9 @@ class Dispatcher:
                 log.exception("dispatcher lost Redis; retrying")
                 self._leading = False
                 self.stopping.wait(self.tick_s)
+            except Exception:  # a dead dispatcher thread stops the farm while heartbeats say all is well
+                log.exception("dispatch round failed; retrying")
+                self.stopping.wait(self.tick_s)
 
     def stop(self) -> None:
         self.stopping.set()
