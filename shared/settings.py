@@ -38,6 +38,17 @@ class FarmSettings(BaseSettings):
 
     reference_max_bytes: int = 50 * 1024 * 1024
     reference_max_pixels: int = 40_000_000
+    # Buckets s3:// references may name, comma-separated; empty = the farm's own bucket only.
+    reference_buckets: str = ""
+    # Hosts or networks (names, addresses, CIDRs; comma-separated) that https:// references may
+    # reach although they are loopback, private, link-local or reserved; empty = none.
+    reference_allow_hosts: str = ""
+    # Seconds a whole https:// fetch may take (connect, redirects and every read together).
+    reference_fetch_deadline_s: float = 30.0
+    # A CA bundle for https:// references served under a private CA (default: the system's).
+    reference_ca_bundle: Path | None = None
+    # Where a producer uploads the local files a campaign names, by content, in the farm's bucket.
+    reference_upload_prefix: str = "kleinfarm-refs"
 
     # "user:password" for Flower's basic auth; Flower refuses to start without it.
     flower_basic_auth: SecretStr | None = None
@@ -61,6 +72,15 @@ class FarmSettings(BaseSettings):
         if name not in POLICIES:
             raise ValueError(f"routing_policy {name!r} is not one of {', '.join(POLICIES)}")
         return name
+
+    @property
+    def allowed_reference_buckets(self) -> frozenset[str]:
+        named = {bucket.strip() for bucket in self.reference_buckets.split(",") if bucket.strip()}
+        return frozenset(named or {self.s3_bucket})
+
+    @property
+    def allowed_reference_hosts(self) -> tuple[str, ...]:
+        return tuple(host.strip() for host in self.reference_allow_hosts.split(",") if host.strip())
 
     @classmethod
     def from_env(cls, env_file: Path | None = None) -> FarmSettings:
