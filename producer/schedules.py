@@ -133,7 +133,7 @@ class ScheduleBook:
 
 def beat_app(client: FarmClient) -> Any:
     """The Celery app beat and the schedule task run on, with redbeat keeping the schedule in Redis."""
-    from kleinfarm.shared.broker import make_celery
+    from kleinfarm.shared.broker import make_celery, redis_tls
 
     app = make_celery(client.settings)
     app.conf.update(
@@ -143,4 +143,6 @@ def beat_app(client: FarmClient) -> Any:
         beat_max_loop_interval=10,
         task_default_queue=keys.CONTROL_QUEUE,
     )
+    if tls := redis_tls(client.settings.redis_url):
+        app.conf.redbeat_redis_use_ssl = tls
     return app

@@ -6,6 +6,8 @@ JSON only, one job at a time per GPU process; the settings answer the traps list
 
 from __future__ import annotations
 
+import ssl
+
 from celery import Celery
 
 from kleinfarm.shared import keys
@@ -35,4 +37,11 @@ def make_celery(settings: FarmSettings) -> Celery:
         worker_hijack_root_logger=False,
         task_default_queue=keys.DEFAULT_QUEUE,
     )
+    if tls := redis_tls(settings.redis_url):
+        app.conf.broker_use_ssl = tls
     return app
+
+
+def redis_tls(url: str) -> dict[str, object] | None:
+    """TLS options for a ``rediss://`` URL (kombu needs them spelled out): verify the server."""
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED} if url.startswith("rediss://") else None

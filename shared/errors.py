@@ -43,8 +43,16 @@ class ReferenceTooLargeError(ReferenceImageError):
     """A reference exceeds the byte or pixel limit."""
 
 
+class ReferenceRefusedError(ReferenceImageError):
+    """A reference names something the farm will not read (a local path, a forbidden bucket or host)."""
+
+
 class StorageError(KleinfarmError):
     """The object store refused or failed an operation."""
+
+
+class OutputConflictError(StorageError):
+    """An object is already at a job's output key and this job did not write it."""
 
 
 class CampaignNotFoundError(KleinfarmError):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import secrets
+import unicodedata
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +20,34 @@ MIN_REFERENCE_SIDE = 64
 MAX_REFERENCE_ASPECT = 8
 MAX_SEED = 2**32 - 1
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Object keys stay inside the prefix and under S3's 1,024 bytes whatever the campaign says:
+# <prefix (256)>/<campaign id (49)>/<job id (128)>.png is at most 439 bytes.
+MAX_PREFIX_CHARS = 256
+PREFIX_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+OUTPUT_PREFIX_PATTERN = rf"^{PREFIX_SEGMENT}(/{PREFIX_SEGMENT})*$"
+# Priority orders the queue; the bound keeps the queue score (priority x 1e12 + sequence) exact.
+MAX_PRIORITY = 1000
+MAX_NAME_CHARS = 200
+
+
+def check_output_prefix(prefix: str, field: str = "output_prefix") -> str:
+    """A key prefix of safe segments (letters, digits, ``._-``, none starting with a dot)."""
+    if len(prefix) > MAX_PREFIX_CHARS:
+        raise ValueError(f"{field} is {len(prefix)} characters: the limit is {MAX_PREFIX_CHARS}")
+    if not re.fullmatch(OUTPUT_PREFIX_PATTERN, prefix):
+        raise ValueError(
+            f"{field}={prefix!r} must be segments of letters, digits, '.', '_' or '-' separated by '/', "
+            "each starting with a letter or digit (no '..', no leading or trailing '/')"
+        )
+    return prefix
+
+
+def check_display_name(name: str, field: str = "name") -> str:
+    """A name people read in a terminal or a report: printable, no control or bidi characters."""
+    unsafe = [char for char in name if not char.isprintable() or unicodedata.category(char) == "Cf"]
+    if unsafe:
+        raise ValueError(f"{field} holds a control or formatting character ({unsafe[0]!a})")
+    return name
 
 
 def check_side(value: int, field: str) -> int:
@@ -102,11 +132,21 @@ class Campaign(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     output_prefix: str | None = None
-    priority: int = 0
+    priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
     error_limit: Annotated[int, Field(ge=0)] | None = None  # failed jobs allowed before the campaign fails
     jobs: Annotated[list[Job], Field(min_length=1)]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return check_display_name(name)
+
+    @field_validator("output_prefix")
+    @classmethod
+    def _prefix(cls, prefix: str | None) -> str | None:
+        return None if prefix is None else check_output_prefix(prefix)
 
     @classmethod
     def from_raw(cls, name: str, raw_jobs: list[dict[str, Any]], **fields: Any) -> Campaign:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 SCHEME_SEPARATOR = "://"
 
@@ -45,11 +46,27 @@ def parse_locator(text: str) -> Locator:
     if scheme == "s3":
         bucket, key = split_s3_url(text)
         if not bucket or not key:
-            raise ValueError(f"reference {text!r} must be s3://bucket/key")
+            raise ValueError(f"reference {redact(text)!r} must be s3://bucket/key")
         return Locator(LocatorKind.S3, text, bucket, key)
     if scheme == "https":
         return Locator(LocatorKind.HTTPS, text)
-    raise ValueError(f"reference {text!r} has scheme {scheme!r}: only s3://, https:// and local paths are supported")
+    raise ValueError(
+        f"reference {redact(text)!r} has scheme {scheme!r}: only s3://, https:// and local paths are supported"
+    )
+
+
+def redact(url: str) -> str:
+    """A reference as it may be recorded or shown: no ``user:password@``, and for web URLs no query
+    string or fragment (a pre-signed URL carries its signature there; in an ``s3://`` key a ``?``
+    is part of the name)."""
+    if not has_scheme(url):
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.scheme not in ("http", "https"):
+        return url.replace(parts.netloc, netloc, 1)
+    hidden = "?(redacted)" if parts.query or parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")) + hidden
 
 
 def has_scheme(text: str) -> bool:

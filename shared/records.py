@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinfarm.shared import keys
+from kleinfarm.shared.locators import redact
 from kleinfarm.shared.states import COUNTED_STATES, JobState
 
 RESULT_FIELDS = ("job_id", "state", "key", "error", "seed", "width", "height")
@@ -92,7 +93,7 @@ class JobRecord:
             **self.result_row(),
             "kind": self.spec.get("kind"),
             "prompt": self.spec.get("prompt"),
-            "references": self.references,
+            "references": [redact(url) for url in self.references],
             "refset": self.refset,
             "kv": self.kv,
             "attempt": self.attempt,

@@ -8,7 +8,7 @@ from typing import Annotated
 from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kleinfarm.shared.jobs import MAX_REFERENCES, check_reference_url, check_side
+from kleinfarm.shared.jobs import MAX_PRIORITY, MAX_REFERENCES, check_output_prefix, check_reference_url, check_side
 from kleinfarm.shared.locators import split_s3_url
 
 
@@ -34,13 +34,16 @@ class Schedule(BaseModel):
     width: int = 1024
     height: int = 1024
     cron: str
-    priority: int = 0
+    priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
 
     @field_validator("source", "output")
     @classmethod
     def _s3_prefix(cls, value: str) -> str:
-        if not value.startswith("s3://") or not split_s3_url(value)[0]:
+        bucket, prefix = split_s3_url(value)
+        if not value.startswith("s3://") or not bucket:
             raise ValueError(f"{value!r} must be an s3://bucket/prefix")
+        if prefix.strip("/"):
+            check_output_prefix(prefix.strip("/"), field="prefix")
         return value
 
     @field_validator("references")

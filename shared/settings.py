@@ -64,6 +64,13 @@ class FarmSettings(BaseSettings):
     # baselines are there to compare against, ``kleinfarm`` is the farm's own.
     routing_policy: str = "kleinfarm"
 
+    @field_validator("output_prefix")
+    @classmethod
+    def _safe_prefix(cls, prefix: str) -> str:
+        from kleinfarm.shared.jobs import check_output_prefix
+
+        return check_output_prefix(prefix)
+
     @field_validator("routing_policy")
     @classmethod
     def _known_policy(cls, name: str) -> str:

@@ -100,6 +100,13 @@ class Storage:
                 raise ReferenceNotFoundError(f"s3://{bucket}/{key} does not exist") from error
             raise StorageError(f"reading s3://{bucket}/{key}: {error}") from error
 
+    def metadata(self, key: str) -> dict[str, str]:
+        """The object's user metadata (names lowercased, as S3 returns them)."""
+        try:
+            return dict(self.client.head_object(Bucket=self.bucket, Key=key).get("Metadata", {}))
+        except ClientError as error:
+            raise StorageError(f"reading s3://{self.bucket}/{key}: {error}") from error
+
     def exists(self, key: str) -> bool:
         try:
             self.etag(key)

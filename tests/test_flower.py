@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from kleinfarm.producer.client import FarmClient
+from kleinfarm.producer.flower import check_credentials
 from kleinfarm.producer.localfarm.services import free_port
+from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.jobs import Campaign
 
 from conftest import WorkerPool
@@ -73,6 +75,32 @@ def test_flower_refuses_to_start_without_credentials(farm_env: dict[str, str]) -
         [sys.executable, "-m", "kleinfarm.producer", "flower"], env=env, capture_output=True, text=True, timeout=60
     )
     assert started.returncode == 2 and "KLEINFARM_FLOWER_BASIC_AUTH=user:password" in started.stderr
+
+
+@pytest.mark.parametrize(
+    ("credentials", "complaint"),
+    [
+        ("admin:long-enough,secret", "comma"),
+        ("admin:s3cret-password,", "comma"),
+        ("admin:short", "at least 12"),
+        ("admin:change-me", "at least 12"),
+        (":no-user-here-at-all", "user:password"),
+        ("admin: padded-password ", "spaces"),
+    ],
+)
+def test_credentials_flower_would_misread_are_refused_before_it_starts(credentials: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        check_credentials(credentials)
+
+
+def test_flower_metrics_ask_for_the_same_credentials(flower_url: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{flower_url}/metrics", timeout=10)
+    assert refused.value.code == 401
+    request = urllib.request.Request(f"{flower_url}/metrics")
+    request.add_header("Authorization", "Basic " + base64.b64encode(CREDENTIALS.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200 and b"flower_" in response.read()
 
 
 def test_flower_lists_workers_and_named_tasks_with_their_final_states(

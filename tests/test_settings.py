@@ -53,3 +53,13 @@ def test_an_unknown_routing_policy_is_refused_with_the_known_ones_named() -> Non
     assert FarmSettings(routing_policy="least_loaded").routing_policy == "least_loaded"
     with pytest.raises(ValidationError, match="kleinfarm"):
         FarmSettings(routing_policy="fastest")
+
+
+def test_a_rediss_url_makes_every_celery_app_verify_the_servers_certificate() -> None:
+    import ssl
+
+    from kleinfarm.shared.broker import make_celery
+
+    secure = make_celery(FarmSettings(redis_url="rediss://:pw@redis.example:6380/0"))
+    assert secure.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert not make_celery(FarmSettings(redis_url="redis://127.0.0.1:6379/0")).conf.broker_use_ssl

@@ -14,8 +14,9 @@ from pydantic import TypeAdapter
 
 from kleinfarm.shared import keys
 from kleinfarm.shared.control import CampaignControl
-from kleinfarm.shared.errors import JobCancelledError, KleinfarmError
+from kleinfarm.shared.errors import JobCancelledError, KleinfarmError, OutputConflictError
 from kleinfarm.shared.jobs import EditJob, GenerateJob, Job
+from kleinfarm.shared.locators import redact
 from kleinfarm.shared.manifest import output_key, write_manifest
 from kleinfarm.shared.records import JobRecord
 from kleinfarm.shared.states import JobState, Move
@@ -92,8 +93,17 @@ def _render_and_store(
     wrote = context.storage.put_if_absent(key, *_png(context, job_id, job, result))
     result.timings["upload_s"] = round(time.perf_counter() - upload_started, 4)
     if not wrote:
-        log.info("%s already in storage: an earlier attempt wrote it; not writing it twice", key)
+        _check_own_earlier_write(context, key, job_id)
     return {**fields, "key": key, "timings": json.dumps(result.timings)}
+
+
+def _check_own_earlier_write(context: WorkerContext, key: str, job_id: str) -> None:
+    """An object already at the key counts as this job's image only if this job wrote it."""
+    if context.storage.metadata(key).get("job") != job_id:
+        raise OutputConflictError(
+            f"{key} already exists and was not written by this job: it is not recorded as this job's image"
+        )
+    log.info("%s already in storage: an earlier attempt wrote it; not writing it twice", key)
 
 
 def _png(
@@ -108,7 +118,7 @@ def _png(
         "height": job.height,
         "steps": job.steps,
         "model": context.engine.model,
-        "references": getattr(job, "references", []),
+        "references": [redact(url) for url in getattr(job, "references", [])],
         "refset": result.refset,
         "kv": result.kv,
         "timings": result.timings,

@@ -1,4 +1,4 @@
-"""Reference images: fetched from S3, HTTPS or a local path, checked, and cached by content hash."""
+"""Reference images: fetched from S3 or HTTPS (never a local path), checked, and cached by content hash."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from kleinfarm.shared.errors import (
     ReferenceInvalidError,
     ReferenceNotFoundError,
+    ReferenceRefusedError,
     ReferenceTooLargeError,
     UnsupportedSchemeError,
 )
@@ -92,7 +93,11 @@ class ReferenceFetcher:
             return self._read_s3(locator)
         if locator.kind == LocatorKind.HTTPS:
             return self._read_https(url)
-        return self._read_local(locator.path)
+        # The same words whether or not the path exists: the answer must not probe the worker's disk.
+        raise ReferenceRefusedError(
+            f"reference {url} is a local path: workers open no path a job names; "
+            "submit it with the kleinfarm client, which uploads local files"
+        )
 
     def _limit(self, url: str, data: bytes) -> bytes:
         if len(data) > self.max_bytes:
@@ -104,13 +109,6 @@ class ReferenceFetcher:
             f"reference {url} is over {self.max_bytes} bytes: the limit is {self.max_bytes} "
             "(KLEINFARM_REFERENCE_MAX_BYTES)"
         )
-
-    def _read_local(self, path: Path) -> bytes:
-        if not path.is_file():
-            raise ReferenceNotFoundError(f"reference {path} does not exist")
-        if path.stat().st_size > self.max_bytes:
-            raise self._too_many_bytes(str(path))
-        return path.read_bytes()
 
     def _read_s3(self, locator: Locator) -> bytes:
         """Skip the download when the object's ETag says we already hold its bytes."""

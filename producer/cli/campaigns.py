@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kleinfarm.producer.cli.common import AsJson, EnvFile, app, console, farm_client, print_table
+from kleinfarm.producer.cli.common import AsJson, EnvFile, app, farm_client, print_table, say
 from kleinfarm.shared.records import COUNTS_ORDER, RESULT_FIELDS
 
 
@@ -61,7 +61,7 @@ def results(
 
         files = handle.download(download)
         sheet = write_contact_sheet(files, download / "contact-sheet.png")
-        console.print(f"{len(files)} image(s) in {download}; contact sheet: {sheet}")
+        say(f"{len(files)} image(s) in {download}; contact sheet: {sheet}")
     if as_json:
         for row in rows:
             print(json.dumps(row))
@@ -73,21 +73,21 @@ def results(
 def cancel(campaign_id: str, env_file: EnvFile = None) -> None:
     """Cancel a whole campaign: queued jobs are dropped, running ones stop at their next step."""
     dropped = farm_client(env_file).campaign(campaign_id).cancel()
-    console.print(f"cancelled {campaign_id}: {dropped} queued job(s) dropped")
+    say(f"cancelled {campaign_id}: {dropped} queued job(s) dropped")
 
 
 @app.command()
 def pause(campaign_id: str, env_file: EnvFile = None) -> None:
     """Set a campaign's queued jobs aside; running jobs finish."""
     paused = farm_client(env_file).campaign(campaign_id).pause()
-    console.print(f"paused {campaign_id}: {paused} queued job(s) set aside")
+    say(f"paused {campaign_id}: {paused} queued job(s) set aside")
 
 
 @app.command()
 def resume(campaign_id: str, env_file: EnvFile = None) -> None:
     """Give a paused campaign's jobs back to the farm."""
     released = farm_client(env_file).campaign(campaign_id).resume()
-    console.print(f"resumed {campaign_id}: {released} job(s) queued again")
+    say(f"resumed {campaign_id}: {released} job(s) queued again")
 
 
 @app.command()
@@ -98,10 +98,10 @@ def retry(
 ) -> None:
     """Requeue a campaign's failed jobs."""
     if not failed:
-        console.print("say what to retry: --failed")
+        say("say what to retry: --failed")
         raise typer.Exit(2)
     retried = farm_client(env_file).campaign(campaign_id).retry_failed()
-    console.print(f"{campaign_id}: {retried} failed job(s) requeued")
+    say(f"{campaign_id}: {retried} failed job(s) requeued")
 
 
 @app.command()
@@ -117,7 +117,7 @@ def report(
     key, page = write_report(farm_client(env_file).campaign(campaign_id))
     target = out or Path(f"report-{campaign_id}.html")
     target.write_text(page)
-    console.print(f"report: s3 key {key}; local copy {target.resolve()}")
+    say(f"report: s3 key {key}; local copy {target.resolve()}")
     if open_page:
         import webbrowser
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from kleinfarm.producer.client import FarmClient
@@ -32,8 +33,14 @@ def farm_client(env_file: Path | None) -> FarmClient:
     return FarmClient.from_env(env_file or default_env_file())
 
 
+def say(message: str) -> None:
+    """A line for people, on stderr, printed as plain text: data in it is never read as markup."""
+    console.print(message, markup=False, highlight=False)
+
+
 def print_table(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """Rows as a table on stdout; cells are plain text (a key or an error may hold ``[/]``)."""
     table = Table(*columns)
     for row in rows:
-        table.add_row(*("" if row[column] is None else str(row[column]) for column in columns))
+        table.add_row(*(Text("" if row[column] is None else str(row[column])) for column in columns))
     Console().print(table)

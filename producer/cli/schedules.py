@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kleinfarm.producer.cli.common import AsJson, EnvFile, app, console, farm_client
+from kleinfarm.producer.cli.common import AsJson, EnvFile, app, farm_client, say
 
 schedule_app = typer.Typer(help="Scheduled bulk product edits.", no_args_is_help=True)
 app.add_typer(schedule_app, name="schedule")
@@ -22,7 +22,7 @@ def schedule_add(file: Path, env_file: EnvFile = None) -> None:
 
     schedule = load_schedule(file)
     ScheduleBook(farm_client(env_file)).add(schedule)
-    console.print(f"schedule {schedule.name} added: {schedule.cron}")
+    say(f"schedule {schedule.name} added: {schedule.cron}")
 
 
 @schedule_app.command("list")
@@ -45,7 +45,7 @@ def schedule_remove(name: str, env_file: EnvFile = None) -> None:
     from kleinfarm.producer.schedules import ScheduleBook
 
     ScheduleBook(farm_client(env_file)).remove(name)
-    console.print(f"schedule {name} removed")
+    say(f"schedule {name} removed")
 
 
 @schedule_app.command("run")
@@ -59,7 +59,7 @@ def schedule_run(
 
     handle = ScheduleBook(farm_client(env_file)).run(name)
     if handle is None:
-        console.print(f"schedule {name}: no new photos")
+        say(f"schedule {name}: no new photos")
         return
     print(handle.id, flush=True)
     if wait:

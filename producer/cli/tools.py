@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kleinfarm.producer.cli.common import app, console
+from kleinfarm.producer.cli.common import app, say
 
 
 @app.command()
@@ -26,7 +26,7 @@ def render(
     from kleinfarm.worker.local_render import render_one
 
     path, seed_used = render_one(prompt, out, model, ref or [], width, height, seed, steps, device)
-    console.print(f"wrote {path} (seed {seed_used})")
+    say(f"wrote {path} (seed {seed_used})")
 
 
 @app.command("make-tiny-model")
@@ -37,4 +37,4 @@ def make_tiny_model(
     """Write a tiny random-weight FLUX.2 klein pipeline (images are noise; for tests and demos)."""
     from kleinfarm.worker.engine.random_model import make_tiny_model as build
 
-    console.print(f"tiny model written to {build(folder, kv=kv)}")
+    say(f"tiny model written to {build(folder, kv=kv)}")

@@ -1,0 +1,175 @@
+"""Local reference files, uploaded by the client when it submits: workers open no path a job names
+(``worker/references.py`` refuses them), so every job reaches the farm naming S3 or HTTPS only.
+
+Each distinct file is checked (a regular file within ``KLEINFARM_REFERENCE_MAX_BYTES``), read once
+and stored in the farm's bucket under its content, ``<prefix>/<sha256><ext>``: a photo named by 500
+jobs, or by the next campaign, is one object, and its locator (hence the jobs' routing key) is the
+same every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kleinfarm.shared.errors import JobSpecError
+from kleinfarm.shared.jobs import Campaign, EditJob
+from kleinfarm.shared.locators import parse_locator
+from kleinfarm.shared.storage import Storage
+
+# Fewer files than this upload before a progress bar would be worth drawing.
+PROGRESS_OVER = 5
+# A FIFO opens without waiting for a writer (and is then refused by the fstat of what was opened).
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_LIMIT = "the limit is {} (KLEINFARM_REFERENCE_MAX_BYTES)"
+T = TypeVar("T")
+
+
+class LocalFileError(JobSpecError):
+    """A local reference file the client will not upload; the message names the path and why."""
+
+
+def campaign_references(campaign: Campaign) -> Iterator[tuple[str, str]]:
+    """``(field, reference)`` for every reference of every edit job, e.g. ``jobs[3].references[0]``."""
+    for index, job in enumerate(campaign.jobs):
+        if isinstance(job, EditJob):
+            for position, reference in enumerate(job.references):
+                yield f"jobs[{index}].references[{position}]", reference
+
+
+def local_references(named: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Each distinct local path among ``(field, reference)`` pairs -> the first field naming it."""
+    first: dict[str, str] = {}
+    for field, reference in named:
+        if parse_locator(reference).is_local:
+            first.setdefault(reference, field)
+    return first
+
+
+def check_local_file(path: str, max_bytes: int) -> None:
+    """Refuse a missing, irregular or oversize file from its metadata alone, before reading anything."""
+    with _as_local_file_error(path):
+        _check_stat(path, os.stat(path), max_bytes)  # follows links: a link to a FIFO is refused too
+
+
+def read_local_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; ``LocalFileError`` otherwise."""
+    with _as_local_file_error(path), os.fdopen(os.open(path, OPEN_FLAGS), "rb") as file:
+        # Checked again on what was opened: the path may have been swapped since ``check_local_file``.
+        _check_stat(path, os.fstat(file.fileno()), max_bytes)
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:  # files such as /proc/self/environ report a size of 0
+        raise LocalFileError(f"{path} is over {max_bytes} bytes: {_LIMIT.format(max_bytes)}")
+    return data
+
+
+
+def _check_stat(path: str, status: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise LocalFileError(f"{path} is {_kind(status.st_mode)}: a reference must be a regular file")
+    if status.st_size > max_bytes:
+        raise LocalFileError(f"{path} is {status.st_size} bytes: {_LIMIT.format(max_bytes)}")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+@contextmanager
+def _as_local_file_error(path: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError as error:
+        raise LocalFileError(f"{path} does not exist") from error
+    except OSError as error:
+        raise LocalFileError(f"{path} cannot be read: {error.strerror or error}") from error
+
+
+def image_type(data: bytes) -> tuple[str, str]:
+    """The extension and content type of the image formats workers accept; none for anything else
+    (the worker refuses it with its own message)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ".png", "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return ".jpg", "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp", "image/webp"
+    return "", "application/octet-stream"
+
+
+def content_key(prefix: str, data: bytes) -> str:
+    """Where ``data`` is stored: ``<prefix>/<sha256 of the bytes><ext>``."""
+    name = hashlib.sha256(data).hexdigest() + image_type(data)[0]
+    prefix = prefix.strip("/")
+    return f"{prefix}/{name}" if prefix else name
+
+
+class ReferenceUploader:
+    """Uploads local reference files into the farm's bucket, each content once."""
+
+    def __init__(self, storage: Storage, prefix: str, max_bytes: int, progress: bool = False) -> None:
+        self.storage = storage
+        self.prefix = prefix
+        self.max_bytes = max_bytes
+        self.progress = progress
+        self._stored: set[str] = set()  # keys known to be in the bucket: two paths, same bytes
+
+    def upload(self, named: Mapping[str, str]) -> dict[str, str]:
+        """``named``: local path -> the field naming it. Return local path -> ``s3://`` locator.
+
+        Every file is checked before the first upload, so an obviously bad campaign uploads nothing.
+        """
+        for path, field in named.items():
+            _with_field(field, check_local_file, path, self.max_bytes)
+        uploaded: dict[str, str] = {}
+        with _progress_bar(len(named), self.progress and len(named) > PROGRESS_OVER) as advance:
+            for path, field in named.items():
+                uploaded[path] = self._upload_one(_with_field(field, read_local_file, path, self.max_bytes))
+                advance()
+        return uploaded
+
+    def _upload_one(self, data: bytes) -> str:
+        key = content_key(self.prefix, data)
+        # A HEAD first: a file already there (an earlier campaign's) is not sent again. The write
+        # stays conditional for the race with another client uploading the same bytes.
+        if key not in self._stored and not self.storage.exists(key):
+            self.storage.put_if_absent(key, data, image_type(data)[1], {})
+        self._stored.add(key)
+        return f"s3://{self.storage.bucket}/{key}"
+
+
+def _with_field(field: str, call: Callable[[str, int], T], path: str, max_bytes: int) -> T:
+    try:
+        return call(path, max_bytes)
+    except LocalFileError as error:
+        raise JobSpecError(f"{field}: {error}") from error
+
+
+@contextmanager
+def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    bar = Progress(
+        TextColumn("[bold]uploading references"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),  # stdout stays for what scripts read (ids, JSON)
+        disable=not enabled,
+    )
+    task = bar.add_task("references", total=total)
+    with bar:
+        yield lambda: bar.advance(task)
