@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kleinfarm.producer.uploads import ReferenceUploader, campaign_references, local_references
 from kleinfarm.shared import keys
 from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.costmodel import CostModel
@@ -33,11 +35,11 @@ def new_campaign_id(name: str) -> str:
     return f"{slug}-{secrets.token_hex(4)}"
 
 
-def prepare_jobs(campaign: Campaign) -> list[NewJob]:
-    """Give every job an id and a seed, refuse duplicate ids and missing local references."""
+def prepare_jobs(campaign: Campaign, uploaded: Mapping[str, str] | None = None) -> list[NewJob]:
+    """Give every job an id and a seed, refuse duplicate ids, and name the ``s3://`` locator the
+    client uploaded each local reference to (``uploaded``: local path -> locator)."""
     width = len(str(len(campaign.jobs)))
     seen: set[str] = set()
-    missing: dict[str, bool] = {}
     prepared = []
     for index, job in enumerate(campaign.jobs):
         local_id = job.id or f"job-{index:0{width}d}"
@@ -45,7 +47,7 @@ def prepare_jobs(campaign: Campaign) -> list[NewJob]:
             raise JobSpecError(f"jobs[{index}].id: duplicate id {local_id!r}")
         seen.add(local_id)
         if isinstance(job, EditJob):
-            _check_local_references(job, index, missing)
+            job = with_uploaded_references(job, index, uploaded or {})
         seeded = job.with_seed()
         spec = seeded.model_dump(mode="json", exclude={"id"})
         routing = routing_info(seeded, campaign.priority)
@@ -65,15 +67,19 @@ def routing_info(job: GenerateJob | EditJob, priority: int = 0, costs: CostModel
     return RoutingInfo(route_key(job.references), work, build, priority)
 
 
-def _check_local_references(job: EditJob, index: int, missing: dict[str, bool]) -> None:
+def with_uploaded_references(job: EditJob, index: int, uploaded: Mapping[str, str]) -> EditJob:
+    """``job`` naming its uploaded copies in place of local paths: no local path reaches Redis (the
+    routing key, from these locators, is then the same for the same content)."""
+    references = []
     for position, reference in enumerate(job.references):
-        locator = parse_locator(reference)
-        if not locator.is_local:
-            continue  # s3 and https are checked by the worker, which holds the credentials
-        if reference not in missing:
-            missing[reference] = not locator.path.is_file()
-        if missing[reference]:
-            raise JobSpecError(f"jobs[{index}].references[{position}]: {reference} does not exist")
+        if parse_locator(reference).is_local:
+            if reference not in uploaded:
+                raise JobSpecError(
+                    f"jobs[{index}].references[{position}]: {reference} is a local path the client did not upload"
+                )
+            reference = uploaded[reference]
+        references.append(reference)
+    return job if references == job.references else job.model_copy(update={"references": references})
 
 
 @dataclass
@@ -169,15 +175,30 @@ class FarmClient:
             self._storage = Storage.from_settings(self.settings)
         return self._storage
 
-    def submit(self, campaign: Campaign) -> CampaignHandle:
-        """Queue every job of ``campaign`` (pipelined) and return its handle."""
-        jobs = prepare_jobs(campaign)
+    def submit(self, campaign: Campaign, progress: bool = False) -> CampaignHandle:
+        """Upload the local files ``campaign`` names, queue every job (pipelined), return its handle.
+
+        ``progress``: a bar on stderr while more than a handful of files upload.
+        """
+        uploaded = self.upload_references(campaign_references(campaign), progress)
+        jobs = prepare_jobs(campaign, uploaded)
         campaign_id = new_campaign_id(campaign.name)
         meta = {"name": campaign.name, "output_prefix": campaign.output_prefix or self.settings.output_prefix}
         if campaign.error_limit is not None:
             meta["error_limit"] = str(campaign.error_limit)
         self.state.create_campaign(campaign_id, meta, campaign.priority, jobs)
         return CampaignHandle(self, campaign_id)
+
+    def upload_references(self, named: Iterable[tuple[str, str]], progress: bool = False) -> dict[str, str]:
+        """Upload the local files among ``(field, reference)`` pairs; return local path -> ``s3://``."""
+        local = local_references(named)
+        if not local:
+            return {}  # a campaign of s3:// and https:// references needs no storage client here
+        settings = self.settings
+        uploader = ReferenceUploader(
+            self.storage, settings.reference_upload_prefix, settings.reference_max_bytes, progress
+        )
+        return uploader.upload(local)
 
     def campaign(self, campaign_id: str) -> CampaignHandle:
         self.state.campaign_meta(campaign_id)

@@ -11,7 +11,7 @@ from kleinfarm.producer.client import CampaignHandle, FarmClient
 from kleinfarm.shared import keys
 from kleinfarm.shared.errors import ConfigError, JobSpecError
 from kleinfarm.shared.jobs import Campaign
-from kleinfarm.shared.locators import split_s3_url
+from kleinfarm.shared.locators import parse_locator, split_s3_url
 from kleinfarm.shared.schedules import Schedule, parse_cron
 from kleinfarm.shared.states import JobState
 
@@ -33,6 +33,7 @@ class ScheduleBook:
             raise JobSpecError(
                 f"output {schedule.output}: images go to the farm's bucket {self.client.settings.s3_bucket!r}"
             )
+        schedule = self._with_uploaded_references(schedule)
         self.redis.hset(keys.SCHEDULES, schedule.name, schedule.model_dump_json())
         entry = RedBeatSchedulerEntry(
             f"kleinfarm-{schedule.name}",
@@ -42,6 +43,13 @@ class ScheduleBook:
             app=beat_app(self.client),
         )
         entry.save()
+
+    def _with_uploaded_references(self, schedule: Schedule) -> Schedule:
+        """Upload the schedule's local references now: its runs come later, from beat, perhaps on
+        another machine, and no job may carry a local path."""
+        named = ((f"references[{position}]", ref) for position, ref in enumerate(schedule.references))
+        uploaded = self.client.upload_references(named)
+        return schedule.model_copy(update={"references": [uploaded.get(ref, ref) for ref in schedule.references]})
 
     def schedules(self) -> list[Schedule]:
         stored: dict[str, str] = self.redis.hgetall(keys.SCHEDULES)  # type: ignore[assignment]
@@ -67,6 +75,7 @@ class ScheduleBook:
     def run(self, name: str) -> CampaignHandle | None:
         """Submit a campaign for the photos not yet edited this way; None if there are none."""
         schedule = self.get(name)
+        _refuse_local_references(schedule)
         done, in_flight = self._harvest(name)
         photos = self._photos(schedule)
         todo = {key: url for key, url in photos.items() if key not in done and key not in in_flight}
@@ -129,6 +138,16 @@ class ScheduleBook:
         if etag and "-" not in etag:
             return f"md5:{etag}"
         return "sha256:" + hashlib.sha256(self.client.storage.get(item["Key"], bucket=bucket)).hexdigest()
+
+
+def _refuse_local_references(schedule: Schedule) -> None:
+    """A schedule stored before ``add`` uploaded local files may still name one; beat reads none."""
+    for position, reference in enumerate(schedule.references):
+        if parse_locator(reference).is_local:
+            raise JobSpecError(
+                f"schedule {schedule.name}: references[{position}]: {reference} is a local path; "
+                "add the schedule again (`kleinfarm schedule add` uploads local files)"
+            )
 
 
 def beat_app(client: FarmClient) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -27,6 +28,12 @@ SHARED_SETS = [
 def kv_hits(view: WorkerView) -> int:
     stats = view.report.engine.kv.stats
     return int(stats.get("hits_device", 0)) + int(stats.get("hits_host", 0))
+
+
+def uploaded_locator(client: FarmClient, path: Path) -> str:
+    """Where the client uploaded a local reference: the farm's bucket, by content."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"s3://{client.settings.s3_bucket}/{client.settings.reference_upload_prefix}/{digest}.png"
 
 
 def manifest(storage: Storage, campaign_id: str) -> list[dict[str, object]]:
@@ -60,7 +67,8 @@ def test_shared_reference_sets_are_built_by_few_workers_and_hit_after(
 
     lines = manifest(storage, handle.id)
     for references in SHARED_SETS:
-        sources = [line["kv"] for line in lines if line["references"] == references]
+        uploaded = [uploaded_locator(client, Path(path)) for path in references]  # what the jobs name
+        sources = [line["kv"] for line in lines if line["references"] == uploaded]
         assert len(sources) == 8
         assert sources.count("miss") <= len(workers.alive()), sources
     misses = sum(line["kv"] == "miss" for line in lines)

@@ -9,9 +9,11 @@ from pydantic import ValidationError
 
 from kleinfarm.producer.campaign_files import load_campaign
 from kleinfarm.producer.client import prepare_jobs
+from kleinfarm.producer.uploads import ReferenceUploader, campaign_references, local_references
 from kleinfarm.shared.errors import CampaignFileError, JobSpecError
 from kleinfarm.shared.jobs import Campaign, EditJob, GenerateJob, describe_validation_error
 from kleinfarm.shared.refset import reference_set_key
+from kleinfarm.shared.storage import Storage
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -54,8 +56,9 @@ def test_a_url_scheme_other_than_s3_https_or_local_is_refused() -> None:
 
 def test_a_missing_local_reference_is_refused_at_submit(tmp_path: Path) -> None:
     campaign = Campaign.from_raw("c", [{"prompt": "p", "references": [str(tmp_path / "nope.png")]}])
+    uploader = ReferenceUploader(Storage(client=None, bucket="farm"), "refs", max_bytes=1000)
     with pytest.raises(JobSpecError, match=r"jobs\[0\]\.references\[0\]: .*nope.png does not exist"):
-        prepare_jobs(campaign)
+        uploader.upload(local_references(campaign_references(campaign)))  # checked before storage is reached
 
 
 def test_duplicate_job_ids_are_refused() -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
 from pydantic import ValidationError
 
-from kleinfarm.shared.errors import JobSpecError
+from kleinfarm.shared.errors import JobSpecError, ReferenceImageError
 from kleinfarm.shared.jobs import EditJob, GenerateJob, describe_validation_error
+from kleinfarm.shared.local_files import LocalFileError, read_local_file
+from kleinfarm.shared.locators import parse_locator
+from kleinfarm.shared.refset import content_digest
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.storage import Storage
 from kleinfarm.worker.engine import RenderEngine
@@ -37,9 +41,24 @@ def render_one(
     except ValidationError as error:
         raise JobSpecError(describe_validation_error(error)) from error
     fetcher = ReferenceFetcher(Storage.from_settings(settings), settings)
-    fetched = [fetcher.fetch(url) for url in references]
+    fetched = [_reference(fetcher, url, settings.reference_max_bytes) for url in references]
     engine = RenderEngine.load(model or settings.model, device)
-    result = engine.render(job, [(ref.digest, ref.image) for ref in fetched])
+    result = engine.render(job, fetched)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(out)
     return out, job.seed or 0
+
+
+def _reference(fetcher: ReferenceFetcher, url: str, max_bytes: int) -> tuple[str, Image.Image]:
+    """A reference's content digest and checked image. A local file is read here, not by the
+    fetcher (which refuses every path a job names): this is the user's own process rendering the
+    files they named, checked as the client checks a file it uploads and decoded as the farm does."""
+    locator = parse_locator(url)
+    if not locator.is_local:
+        reference = fetcher.fetch(url)
+        return reference.digest, reference.image
+    try:
+        data = read_local_file(locator.text, max_bytes)
+    except LocalFileError as error:
+        raise ReferenceImageError(f"reference {error}") from error
+    return content_digest(data), fetcher.check(url, data)

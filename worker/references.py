@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import tempfile
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,6 @@ from PIL import Image, UnidentifiedImageError
 
 from kleinfarm.shared.errors import (
     ReferenceInvalidError,
-    ReferenceNotFoundError,
     ReferenceRefusedError,
     ReferenceTooLargeError,
     UnsupportedSchemeError,
@@ -25,9 +22,9 @@ from kleinfarm.shared.locators import Locator, LocatorKind, parse_locator
 from kleinfarm.shared.refset import content_digest
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.storage import Storage
+from kleinfarm.worker.https_fetch import HttpsPolicy, fetch_https
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
-HTTP_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,8 @@ class ReferenceFetcher:
         self.storage = storage
         self.max_bytes = settings.reference_max_bytes
         self.max_pixels = settings.reference_max_pixels
+        self.allowed_buckets = settings.allowed_reference_buckets
+        self.https_policy = HttpsPolicy.from_settings(settings)
         self.cache_dir = settings.cache_dir / "references"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -113,6 +112,11 @@ class ReferenceFetcher:
     def _read_s3(self, locator: Locator) -> bytes:
         """Skip the download when the object's ETag says we already hold its bytes."""
         url, bucket, key = locator.text, locator.bucket, locator.key
+        if bucket not in self.allowed_buckets:  # before any request: the answer must not probe other buckets
+            raise ReferenceRefusedError(
+                f"reference {url} refused: bucket {bucket} is not one references may be read from; "
+                "allow it with KLEINFARM_REFERENCE_BUCKETS"
+            )
         etag = self.storage.etag(key, bucket=bucket)
         index = self.cache_dir / "s3" / hashlib.sha256(f"{bucket}/{key}@{etag}".encode()).hexdigest()
         if index.is_file():
@@ -125,16 +129,7 @@ class ReferenceFetcher:
         return data
 
     def _read_https(self, url: str) -> bytes:
-        request = urllib.request.Request(url, headers={"User-Agent": "kleinfarm"})  # noqa: S310 - https only
-        try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:  # noqa: S310
-                return self._limit(url, response.read(self.max_bytes + 1))
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                raise ReferenceNotFoundError(f"reference {url} does not exist (HTTP 404)") from error
-            raise ReferenceNotFoundError(f"reference {url} could not be fetched: HTTP {error.code}") from error
-        except urllib.error.URLError as error:
-            raise ReferenceNotFoundError(f"reference {url} could not be fetched: {error.reason}") from error
+        return fetch_https(url, self.https_policy)
 
     def _remember(self, digest: str, data: bytes) -> None:
         """Write once by content; workers sharing the folder each write their own temporary file."""

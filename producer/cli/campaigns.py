@@ -24,7 +24,7 @@ def submit(
     from kleinfarm.producer.campaign_files import load_campaign
 
     campaign = load_campaign(file, name)
-    handle = farm_client(env_file).submit(campaign)
+    handle = farm_client(env_file).submit(campaign, progress=not as_json)
     print(json.dumps({"campaign_id": handle.id, "jobs": len(campaign.jobs)}) if as_json else handle.id, flush=True)
     if wait:
         status = handle.wait(progress=not as_json)
