@@ -173,6 +173,7 @@ class Handler(BaseHTTPRequestHandler):
 
 ROUTES: dict[str, Callable[[Handler], None]] = {
     "/ok.png": lambda handler: handler.reply(PNG, len(PNG)),
+    "/not-an-image.png": lambda handler: handler.reply(b"<html>nope</html>", 17),
     "/big": lambda handler: handler.reply(b"x" * BIG, BIG),
     "/big-unsized": lambda handler: handler.reply(b"x" * BIG),  # HTTP/1.0: the body ends when the server closes
     "/huge-declared": lambda handler: handler.drip(b"HTTP/1.0 200 OK\r\nContent-Length: 10000000000\r\n\r\n"),
@@ -404,6 +405,14 @@ def test_a_missing_reference_is_named_and_no_credential_or_query_is_shown(
     url = f"https://reader:hunter2@127.0.0.1:{https_port}/missing.png?X-Amz-Signature=secret"
     message = refusal(fetcher(reference_allow_hosts="127.0.0.1"), url, ReferenceNotFoundError)
     assert message == f"reference https://127.0.0.1:{https_port}/missing.png?(redacted) does not exist (HTTP 404)"
+
+
+def test_a_reference_that_is_not_an_image_is_named_without_its_signature(
+    fetcher: Callable[..., ReferenceFetcher], https_port: int
+) -> None:
+    url = f"https://reader:hunter2@127.0.0.1:{https_port}/not-an-image.png?X-Amz-Signature=secret"
+    message = refusal(fetcher(reference_allow_hosts="127.0.0.1"), url, ReferenceImageError)
+    assert "is not an image" in message and "secret" not in message and "hunter2" not in message
 
 
 def test_only_https_urls_are_fetched(fetcher: Callable[..., ReferenceFetcher]) -> None:

@@ -18,7 +18,7 @@ from kleinfarm.shared.errors import (
     UnsupportedSchemeError,
 )
 from kleinfarm.shared.jobs import MAX_REFERENCE_ASPECT, MIN_REFERENCE_SIDE
-from kleinfarm.shared.locators import Locator, LocatorKind, parse_locator
+from kleinfarm.shared.locators import Locator, LocatorKind, parse_locator, redact
 from kleinfarm.shared.refset import content_digest
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.storage import Storage
@@ -56,6 +56,7 @@ class ReferenceFetcher:
 
     def check(self, url: str, data: bytes) -> Image.Image:
         """Decode ``data`` within the limits; raise a reference error naming the limit broken."""
+        url = redact(url)  # a pre-signed URL's signature must not reach the job's error message
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
