@@ -2,6 +2,13 @@
 
 Every error a user can meet derives from :class:`KleinfarmError`; its message names the field and
 the limit, so the same text can end a job as ``failed`` or be printed by the CLI.
+
+A failure while running a job is one of three (``docs/architecture.md``, "Failures: whose fault"):
+- the job's: a ``KleinfarmError`` that is not transient (bad input): the job fails at once, is
+  never retried, and the worker is not blamed;
+- transient: a ``TransientError`` (storage, network or Redis unreachable or throttled): the job is
+  retried with backoff, and nobody is blamed;
+- the worker's: anything else (an unexpected exception): counted against the worker.
 """
 
 from __future__ import annotations
@@ -47,8 +54,16 @@ class ReferenceRefusedError(ReferenceImageError):
     """A reference names something the farm will not read (a local path, a forbidden bucket or host)."""
 
 
+class TransientError(KleinfarmError):
+    """A fault that may pass by itself (a service unreachable, throttling): retry later, blame nobody."""
+
+
 class StorageError(KleinfarmError):
     """The object store refused or failed an operation."""
+
+
+class StorageUnavailableError(StorageError, TransientError):
+    """The object store could not be reached, or answered with a server error or throttling."""
 
 
 class OutputConflictError(StorageError):
