@@ -46,13 +46,36 @@ def bench_routing(
     ] = None,
     zipf: Annotated[float | None, typer.Option(help="Zipf exponent of a generated trace")] = None,
     bursty: Annotated[bool, typer.Option(help="A generated trace of whole campaigns arriving in bursts")] = False,
+    mixed: Annotated[
+        bool, typer.Option(help="The generated two-hour mixed day (examples/traces/mixed-2h.jsonl); --jobs unused")
+    ] = False,
     jobs: Annotated[int, typer.Option(help="Jobs in a generated trace")] = 10_000,
     kv_gib: Annotated[float, typer.Option(help="Reference K/V budget per worker (device + host), GiB")] = 48.0,
     refsets: Annotated[int | None, typer.Option(help="Reference sets in a Zipf trace (default jobs/100)")] = None,
     seed: int = 1,
     write_trace: Annotated[Path | None, typer.Option(help="Also write the generated trace here")] = None,
 ) -> None:
-    """Simulate every routing policy on one trace with the farm's own routing code."""
+    """Simulate every routing policy on one trace with the farm's own routing code (exit 1 if a job never ran)."""
     from kleinfarm.producer.bench.routing import bench_routing as run_bench
 
-    run_bench(workers, trace, zipf, bursty, jobs, kv_gib, seed, write_trace, refsets)
+    results = run_bench(workers, trace, zipf, bursty, jobs, kv_gib, seed, write_trace, refsets, mixed)
+    if any(row["unrun"] for row in results):
+        raise typer.Exit(1)
+
+
+@bench_app.command("chaos")
+def bench_chaos(
+    workers: Annotated[int, typer.Option(help="Worker processes")] = 2,
+    jobs: Annotated[int, typer.Option(help="Jobs in the campaign (plus a few with bad input)")] = 40,
+    kills: Annotated[int, typer.Option(help="Workers SIGKILLed mid-campaign (each replaced)")] = 2,
+    outages: Annotated[int, typer.Option(help="S3 outages the workers meet")] = 2,
+    outage_s: Annotated[float, typer.Option(help="Seconds each outage lasts")] = 3.0,
+    seed: int = 1,
+    model: Annotated[str | None, typer.Option(help="Hub id or folder (default: the tiny model)")] = None,
+) -> None:
+    """A whole local farm, one campaign, worker kills and S3 outages; checks every promise (exit 1 if broken)."""
+    from kleinfarm.producer.bench.chaos import ChaosPlan, run_chaos
+
+    plan = ChaosPlan(workers=workers, jobs=jobs, kills=kills, outages=outages, outage_s=outage_s, seed=seed)
+    if not run_chaos(plan, model)["ok"]:
+        raise typer.Exit(1)
