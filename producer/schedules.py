@@ -5,25 +5,38 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from kleinfarm.producer.client import CampaignHandle, FarmClient
 from kleinfarm.shared import keys
-from kleinfarm.shared.errors import ConfigError, JobSpecError
-from kleinfarm.shared.jobs import Campaign
+from kleinfarm.shared.errors import ConfigError, JobSpecError, ReferenceNotFoundError
+from kleinfarm.shared.jobs import MAX_JOBS_PER_CAMPAIGN, Campaign
 from kleinfarm.shared.locators import parse_locator, split_s3_url
 from kleinfarm.shared.schedules import Schedule, parse_cron
 from kleinfarm.shared.states import JobState
+from kleinfarm.shared.storage import ListedObject
 
 SCHEDULE_TASK = "kleinfarm.schedule"
+# Photos one run submits at most (one campaign, well under MAX_JOBS_PER_CAMPAIGN); the rest wait
+# for the next run, and the run's summary says how many were left.
+MAX_PHOTOS_PER_RUN = 10_000
+# Edit keys checked against the schedule's done set in one round trip.
+DONE_CHECK_BATCH = 500
+# A multipart photo is hashed from its bytes, read this much at a time (never held whole).
+HASH_CHUNK_BYTES = 1024 * 1024
 
 
 class ScheduleBook:
     """Add, list, remove and run schedules."""
 
-    def __init__(self, client: FarmClient) -> None:
+    def __init__(self, client: FarmClient, max_photos: int = MAX_PHOTOS_PER_RUN) -> None:
         self.client = client
         self.redis = client.state.redis
+        self.max_photos = min(max_photos, MAX_JOBS_PER_CAMPAIGN)  # one run is one campaign
+        self.max_bytes = client.settings.reference_max_bytes
 
     def add(self, schedule: Schedule) -> None:
         from redbeat import RedBeatSchedulerEntry
@@ -73,71 +86,141 @@ class ScheduleBook:
         return [json.loads(text) for text in self.redis.lrange(keys.schedule_runs(name), 0, -1)]  # type: ignore[union-attr]
 
     def run(self, name: str) -> CampaignHandle | None:
-        """Submit a campaign for the photos not yet edited this way; None if there are none."""
+        """Submit a campaign for the photos not yet edited this way (at most ``max_photos``; the
+        rest wait for the next run); None if there are none."""
         schedule = self.get(name)
         _refuse_local_references(schedule)
-        done, in_flight = self._harvest(name)
-        photos = self._photos(schedule)
-        todo = {key: url for key, url in photos.items() if key not in done and key not in in_flight}
-        summary: dict[str, Any] = {
-            "at": time.time(),
-            "photos": len(photos),
-            "submitted": len(todo),
-            "already_edited": len(photos.keys() & done),
-            "in_flight": len(photos.keys() & in_flight),
-        }
+        in_flight = self._harvest(name)
+        scan = self._scan(schedule, in_flight)
+        summary: dict[str, Any] = {"at": time.time(), **scan.summary()}
         handle = None
-        if todo:
-            jobs = [
-                {"id": key, "prompt": schedule.prompt, "references": [url, *schedule.references]}
-                for key, url in todo.items()
-            ]
-            campaign = Campaign.from_raw(
-                f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                jobs,
-                output_prefix=split_s3_url(schedule.output)[1].strip("/"),
-                priority=schedule.priority,
-                defaults={"width": schedule.width, "height": schedule.height},
-            )
-            handle = self.client.submit(campaign)
+        if scan.todo:
+            handle = self.client.submit(_campaign(name, schedule, scan.todo))
             self.redis.rpush(keys.schedule_campaigns(name), handle.id)
             summary["campaign"] = handle.id
         self.redis.rpush(keys.schedule_runs(name), json.dumps(summary))
         return handle
 
-    def _harvest(self, name: str) -> tuple[set[str], set[str]]:
-        """Edit keys done (succeeded) and in flight, from this schedule's campaigns."""
+    def _harvest(self, name: str) -> set[str]:
+        """Record the edits this schedule's campaigns finished in its done set; return the edit
+        keys still in flight."""
         done_key = keys.schedule_done(name)
         in_flight: set[str] = set()
         for campaign_id in self.redis.lrange(keys.schedule_campaigns(name), 0, -1):  # type: ignore[union-attr]
+            succeeded = []
             for record in self.client.state.jobs(str(campaign_id)):
                 if record.state == JobState.SUCCEEDED:
-                    self.redis.sadd(done_key, record.local_id)
+                    succeeded.append(record.local_id)
                 elif not record.state.terminal:
                     in_flight.add(record.local_id)
-        return set(self.redis.smembers(done_key)), in_flight  # type: ignore[arg-type]
+            if succeeded:
+                self.redis.sadd(done_key, *succeeded)
+        return in_flight
 
-    def _photos(self, schedule: Schedule) -> dict[str, str]:
-        """Edit key -> photo URL: the key hashes the photo's content with the edit's settings."""
+    def _scan(self, schedule: Schedule, in_flight: set[str]) -> PhotoScan:
+        """Examine the photos under the source, listing page by page, until ``max_photos`` are new;
+        the ones listed after that are only counted (no content read, no edit key)."""
         bucket, prefix = split_s3_url(schedule.source)
-        settings = json.dumps(
+        scan = PhotoScan()
+        listed = self.client.storage.list_objects(prefix, bucket=bucket)
+        while (room := self.max_photos - len(scan.todo)) > 0:
+            # No more at once than there is room for: a batch cannot overshoot the cap, so no photo
+            # past it is hashed.
+            batch = list(islice(listed, min(DONE_CHECK_BATCH, room)))
+            if not batch:
+                break
+            self._examine(schedule, bucket, batch, in_flight, scan)
+        scan.left_for_next_run = sum(1 for _ in listed)
+        return scan
+
+    def _examine(
+        self, schedule: Schedule, bucket: str, batch: list[ListedObject], in_flight: set[str], scan: PhotoScan
+    ) -> None:
+        """Sort a batch of listed photos into done, in flight and to do (one round trip to Redis)."""
+        settings = self._edit_settings(schedule)
+        keyed: list[tuple[str, str]] = []
+        for item in batch:
+            try:
+                content = self._content_id(bucket, item)
+            except ReferenceNotFoundError:
+                continue  # deleted since it was listed: not a photo any more
+            if content is None:
+                scan.too_large += 1
+                continue
+            edit_key = hashlib.sha256(f"{content}|{settings}".encode()).hexdigest()[:32]
+            keyed.append((edit_key, f"s3://{bucket}/{item.key}"))
+        if not keyed:
+            return
+        done_key = keys.schedule_done(schedule.name)
+        done: list[Any] = self.redis.smismember(done_key, [key for key, _ in keyed])  # type: ignore[assignment]
+        for (edit_key, url), is_done in zip(keyed, done, strict=True):
+            scan.photos += 1
+            if is_done:
+                scan.already_edited += 1
+            elif edit_key in in_flight:
+                scan.in_flight += 1
+            else:
+                scan.todo.setdefault(edit_key, url)  # two copies of one photo are one edit
+
+    def _edit_settings(self, schedule: Schedule) -> str:
+        """What, beside the photo's content, makes an edit: a change to any of it edits again."""
+        return json.dumps(
             [schedule.prompt, schedule.references, self.client.settings.model, schedule.width, schedule.height]
         )
-        photos: dict[str, str] = {}
-        paginator = self.client.storage.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                content = self._content_id(bucket, item)
-                key = hashlib.sha256(f"{content}|{settings}".encode()).hexdigest()[:32]
-                photos[key] = f"s3://{bucket}/{item['Key']}"
-        return photos
 
-    def _content_id(self, bucket: str, item: dict[str, Any]) -> str:
-        """A single-part upload's ETag is the MD5 of its bytes; otherwise hash the bytes ourselves."""
-        etag = str(item.get("ETag", "")).strip('"')
-        if etag and "-" not in etag:
-            return f"md5:{etag}"
-        return "sha256:" + hashlib.sha256(self.client.storage.get(item["Key"], bucket=bucket)).hexdigest()
+    def _content_id(self, bucket: str, item: ListedObject) -> str | None:
+        """A single-part upload's ETag is the MD5 of its bytes; otherwise hash the bytes ourselves,
+        streamed. None for a photo over the reference byte limit: the worker would refuse it, so it
+        is neither downloaded nor hashed."""
+        if item.size > self.max_bytes:
+            return None
+        if item.etag and "-" not in item.etag:
+            return f"md5:{item.etag}"
+        digest = hashlib.sha256()
+        read = 0
+        with closing(self.client.storage.read_chunks(item.key, bucket=bucket, chunk_bytes=HASH_CHUNK_BYTES)) as chunks:
+            for chunk in chunks:
+                read += len(chunk)
+                if read > self.max_bytes:
+                    return None  # it grew since it was listed
+                digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+
+
+@dataclass
+class PhotoScan:
+    """What one run found under a schedule's source."""
+
+    todo: dict[str, str] = field(default_factory=dict)  # edit key -> photo URL, at most the cap
+    photos: int = 0  # examined: listed before the cap was reached and within the byte limit
+    already_edited: int = 0
+    in_flight: int = 0
+    too_large: int = 0  # over KLEINFARM_REFERENCE_MAX_BYTES: skipped, not hashed
+    left_for_next_run: int = 0  # listed after the cap was reached: not examined this run
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "photos": self.photos,
+            "submitted": len(self.todo),
+            "already_edited": self.already_edited,
+            "in_flight": self.in_flight,
+            "too_large": self.too_large,
+            "left_for_next_run": self.left_for_next_run,
+        }
+
+
+def _campaign(name: str, schedule: Schedule, todo: dict[str, str]) -> Campaign:
+    """One edit job per new photo (the job id is its edit key), in the schedule's output prefix."""
+    jobs = [
+        {"id": key, "prompt": schedule.prompt, "references": [url, *schedule.references]} for key, url in todo.items()
+    ]
+    return Campaign.from_raw(
+        f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        jobs,
+        output_prefix=split_s3_url(schedule.output)[1].strip("/"),
+        priority=schedule.priority,
+        defaults={"width": schedule.width, "height": schedule.height},
+    )
 
 
 def _refuse_local_references(schedule: Schedule) -> None:

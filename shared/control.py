@@ -35,14 +35,18 @@ class CampaignControl:
         return moved
 
     def retry_failed(self, campaign_id: str) -> int:
-        """Requeue the failed jobs only; return how many."""
+        """Requeue the failed jobs only, as new (no failure, loss or backoff counted); return how many.
+
+        The blocklist is built from those failures, so it goes with them: the retried jobs may run
+        on any worker again.
+        """
         self.state.campaign_meta(campaign_id)
         self.redis.hdel(keys.campaign(campaign_id), "failed_reason", "manifest_key")
         self.redis.hset(keys.campaign(campaign_id), "cancel_requested", 0)
+        self.redis.delete(keys.campaign_worker_failures(campaign_id), keys.campaign_blocked(campaign_id))
         job_ids = self.state.job_ids(campaign_id)
-        retried = sum(
-            outcome.changed for outcome in self.state.move_many(job_ids, Move.RETRY, JobState.PENDING, {"error": ""})
-        )
+        fresh = {"error": "", "lost": "0", "transient_failures": "0", "transient_error": ""}
+        retried = sum(outcome.changed for outcome in self.state.move_many(job_ids, Move.RETRY, JobState.PENDING, fresh))
         self.state.wake_dispatcher(campaign_id)
         return retried
 

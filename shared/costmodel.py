@@ -1,5 +1,8 @@
 """Seconds of GPU work per job, from its shape: what the router balances, and the simulator runs.
 
+The model speaks seconds (floats); the router counts load in whole milliseconds (``to_ms``), so
+sums over a long run stay exact.
+
 Load is counted in seconds, not jobs (``docs/routing.md``): with few GPUs and one job each, a
 1024x1024 edit with four references is many times a 512x512 generate. The model is linear in
 tokens per step, which is what ``kleinfarm bench kv`` shows at these sizes; the coefficients are
@@ -12,6 +15,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kleinfarm.shared.klein import TEXT_TOKENS, image_tokens, kv_bytes, reference_tokens
+
+MS_PER_S = 1000
+
+
+def to_ms(seconds: float) -> int:
+    """Seconds as whole milliseconds: the unit of load accounting.
+
+    Load is summed over thousands of jobs handed out and finished; float sums drift (a farm idle
+    at -9.4e-13 s once left every worker "over the cap"), integer sums cannot. A positive cost is
+    never rounded down to nothing, so a worker with work queued always counts as loaded.
+    """
+    ms = round(seconds * MS_PER_S)
+    return 1 if ms == 0 and seconds > 0 else ms
+
+
+def to_s(ms: int) -> float:
+    """Whole milliseconds as seconds, for display and for the float API."""
+    return ms / MS_PER_S
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,18 @@ OUTPUT_PREFIX_PATTERN = rf"^{PREFIX_SEGMENT}(/{PREFIX_SEGMENT})*$"
 # Priority orders the queue; the bound keeps the queue score (priority x 1e12 + sequence) exact.
 MAX_PRIORITY = 1000
 MAX_NAME_CHARS = 200
+# Jobs per campaign: a producer holds a campaign's jobs while it validates and writes them, so a
+# bigger batch is split into several campaigns (about 1 KB each: 100,000 jobs is ~100 MB).
+MAX_JOBS_PER_CAMPAIGN = 100_000
+
+
+def check_job_count(count: int) -> None:
+    """Refuse more jobs than one campaign may hold, naming the limit."""
+    if count > MAX_JOBS_PER_CAMPAIGN:
+        raise ValueError(
+            f"{count} jobs, over the limit of {MAX_JOBS_PER_CAMPAIGN} per campaign (MAX_JOBS_PER_CAMPAIGN): "
+            "split them into several campaigns"
+        )
 
 
 def check_output_prefix(prefix: str, field: str = "output_prefix") -> str:
@@ -142,6 +154,14 @@ class Campaign(BaseModel):
     @classmethod
     def _name(cls, name: str) -> str:
         return check_display_name(name)
+
+    @field_validator("jobs", mode="before")
+    @classmethod
+    def _job_cap(cls, jobs: Any) -> Any:
+        # Before the jobs are validated: a list over the cap is refused without validating each.
+        if isinstance(jobs, list):
+            check_job_count(len(jobs))
+        return jobs
 
     @field_validator("output_prefix")
     @classmethod

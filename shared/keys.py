@@ -22,6 +22,15 @@ PENDING = f"{PREFIX}:pending"
 # list of reasons to look at the queue now (a submission, a freed slot, a resume). Pushed by
 # producers and workers; popped and cleared by the dispatcher leader each round.
 WAKE = f"{PREFIX}:wake"
+# zset job_id -> when it may run again (Redis server time, seconds): jobs waiting out a backoff
+# after a transient fault. Added by the backoff move (transition.lua); the dispatcher leader moves
+# the ready ones to PENDING (or the campaign's paused zset) under their own score (promote.lua);
+# cancel removes them. Lives while the job waits.
+DELAYED = f"{PREFIX}:delayed"
+# set of job_ids in state assigned or running: the jobs some worker is supposed to hold. Kept by
+# transition.lua at every move; read by the dispatcher leader's reconciler, which returns to the
+# queue a job no live worker holds. Lives while the job is with a worker.
+ACTIVE = f"{PREFIX}:active"
 # counter: submission sequence, so jobs of one priority keep FIFO order. Lives for ever.
 SEQUENCE = f"{PREFIX}:seq"
 # hash job_id -> "route|work_s|build_s|priority": what routing needs of a job, read in one HMGET by
@@ -77,8 +86,10 @@ def campaign_worker_failures(campaign_id: str) -> str:
 # -- jobs ----------------------------------------------------------------------------------------------
 def job(job_id: str) -> str:
     """hash: spec (JSON), state, attempt, worker, score, kind, seed, width, height, route;
-    then refset, kv, key, error, timings, started, finished, progress as the job runs. Written at
-    submit; state, attempt and worker only by transition.lua. Lives for ever."""
+    then refset, kv, key, error, timings, started, finished, progress as the job runs;
+    ``transient_failures`` and ``transient_error`` (faults retried with backoff) and ``lost`` (times
+    its worker was lost while it ran). Written at submit; state, attempt and worker only by
+    transition.lua. Lives for ever."""
     return f"{PREFIX}:job:{job_id}"
 
 
@@ -96,8 +107,9 @@ def local_id_of(job_id: str) -> str:
 
 
 # -- workers ---------------------------------------------------------------------------------------------
-# zset worker_id -> time of its last heartbeat (the worker's clock). Written by each worker's
-# heartbeat; a worker older than the lapse is retired by the dispatcher leader.
+# zset worker_id -> time of its last heartbeat, by the Redis server's clock (``TIME``), so a
+# machine whose own clock is off is neither lapsed early nor kept alive late. Written by each
+# worker's heartbeat; a worker older than the lapse is retired by the dispatcher leader.
 WORKERS = f"{PREFIX}:workers"
 # hash identity (host and card) -> the worker_id serving it now. Written by heartbeats, so a
 # restarted card retires its previous process at once.
@@ -105,8 +117,10 @@ IDENTITIES = f"{PREFIX}:identities"
 
 
 def worker(worker_id: str) -> str:
-    """hash: ``report`` (the worker's JSON ``WorkerReport``) and ``seen``. Written by heartbeats;
-    deleted when the worker is retired."""
+    """hash: ``report`` (the worker's JSON ``WorkerReport``), ``seen`` (Redis server time) and
+    ``holding`` (JSON list of the job_ids whose task the process is running now, which the
+    reconciler trusts over the assigned zset). Written by heartbeats; deleted when the worker is
+    retired."""
     return f"{PREFIX}:worker:{worker_id}"
 
 

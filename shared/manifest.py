@@ -21,10 +21,14 @@ def report_key(prefix: str, campaign_id: str) -> str:
 
 
 def write_manifest(state: FarmState, storage: Storage, campaign_id: str) -> str:
-    """Write (or rewrite) the campaign's manifest; return its key."""
+    """Write (or rewrite) the campaign's manifest; return its key.
+
+    The rows are streamed from ``state.jobs`` (read in chunks) to storage (spooled, uploaded in
+    parts): the worker that closes a big campaign never holds the whole manifest in memory.
+    """
     meta = state.campaign_meta(campaign_id)
     key = manifest_key(meta["output_prefix"], campaign_id)
-    storage.put_jsonl(key, [record.manifest_row() for record in state.jobs(campaign_id)])
+    storage.put_jsonl(key, (record.manifest_row() for record in state.jobs(campaign_id)))
     state.redis.hset(keys.campaign(campaign_id), "manifest_key", key)
     state.redis.publish(keys.campaign_events(campaign_id), "manifest")
     return key

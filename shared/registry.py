@@ -2,16 +2,18 @@
 
 Workers publish a heartbeat (a ``WorkerReport``); a worker whose heartbeat lapses is retired and
 every job handed to it goes back to the pending queue, because Celery never drains a dead
-worker's queue by itself.
+worker's queue by itself. Heartbeats and lapses are timed by the Redis server's clock (``TIME``),
+never a machine's own: a worker whose clock is slow must not be lapsed, nor a fast one outlive its
+death.
 """
 
 from __future__ import annotations
 
-import time
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kleinfarm.shared import keys
-from kleinfarm.shared.errors import JobNotFoundError
 from kleinfarm.shared.records import WorkerReport
 from kleinfarm.shared.state import FarmState
 from kleinfarm.shared.states import JobState, Move
@@ -62,8 +64,8 @@ class Registry:
         self.redis = state.redis
         self.lapse_s = lapse_s
 
-    def heartbeat(self, worker_id: str, report: WorkerReport) -> None:
-        """Say ``worker_id`` is alive now, with what it reports of itself.
+    def heartbeat(self, worker_id: str, report: WorkerReport, holding: Iterable[str] = ()) -> None:
+        """Say ``worker_id`` is alive now, with what it reports of itself and the jobs it is running.
 
         A worker that registers under the identity of another (the same card after a restart)
         retires the old one at once: its jobs go back, and nothing it cached is believed any more.
@@ -71,14 +73,32 @@ class Registry:
         previous = self.redis.hget(keys.IDENTITIES, report.identity)
         if previous and previous != worker_id:
             self.retire(str(previous), reason=f"{report.identity} restarted as {worker_id}")
+        now = self.state.server_time()
         pipe = self.redis.pipeline()
-        pipe.hset(keys.worker(worker_id), mapping={"report": report.model_dump_json(), "seen": time.time()})
-        pipe.zadd(keys.WORKERS, {worker_id: time.time()})
+        pipe.hset(
+            keys.worker(worker_id),
+            mapping={"report": report.model_dump_json(), "seen": now, "holding": json.dumps(sorted(holding))},
+        )
+        pipe.zadd(keys.WORKERS, {worker_id: now})
         pipe.hset(keys.IDENTITIES, report.identity, worker_id)
         pipe.execute()
 
+    def live_ids(self) -> set[str]:
+        """Workers whose last heartbeat is within the lapse, by the Redis clock."""
+        since = self.state.server_time() - self.lapse_s
+        return set(self.redis.zrangebyscore(keys.WORKERS, since, "+inf"))  # type: ignore[arg-type]
+
+    def holding(self, worker_ids: Iterable[str]) -> dict[str, set[str]]:
+        """The jobs each worker said in its last heartbeat that it is running."""
+        ordered = sorted(worker_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in ordered:
+            pipe.hget(keys.worker(worker_id), "holding")
+        return {worker_id: set(json.loads(raw or "[]")) for worker_id, raw in zip(ordered, pipe.execute(), strict=True)}
+
     def live_workers(self) -> list[WorkerView]:
-        ids: list[str] = self.redis.zrangebyscore(keys.WORKERS, time.time() - self.lapse_s, "+inf")  # type: ignore[assignment]
+        since = self.state.server_time() - self.lapse_s
+        ids: list[str] = self.redis.zrangebyscore(keys.WORKERS, since, "+inf")  # type: ignore[assignment]
         pipe = self.redis.pipeline(transaction=False)
         for worker_id in ids:
             pipe.hget(keys.worker(worker_id), "report")
@@ -91,7 +111,8 @@ class Registry:
         return views
 
     def lapsed_workers(self) -> list[str]:
-        return list(self.redis.zrangebyscore(keys.WORKERS, "-inf", time.time() - self.lapse_s))  # type: ignore[arg-type]
+        until = self.state.server_time() - self.lapse_s
+        return list(self.redis.zrangebyscore(keys.WORKERS, "-inf", f"({until}"))  # type: ignore[arg-type]
 
     def assigned(self, worker_id: str) -> list[str]:
         return sorted(self.redis.zrange(keys.worker_assigned(worker_id), 0, -1))  # type: ignore[arg-type]
@@ -107,23 +128,51 @@ class Registry:
         """Forget a worker and requeue every job handed to it; return how many were requeued."""
         report = self.redis.hget(keys.worker(worker_id), "report")
         identity = WorkerReport.model_validate_json(report).identity if report else worker_id
-        requeued = sum(self._requeue(worker_id, job_id, reason) for job_id in self.assigned(worker_id))
+        requeued = sum(self.give_back(job_id, worker_id, reason) for job_id in self.assigned(worker_id))
         self.redis.delete(keys.worker(worker_id), keys.worker_assigned(worker_id), *keys.worker_queue_lists(worker_id))
         self.redis.zrem(keys.WORKERS, worker_id)
         if self.redis.hget(keys.IDENTITIES, identity) == worker_id:
             self.redis.hdel(keys.IDENTITIES, identity)
         return requeued
 
-    def _requeue(self, worker_id: str, job_id: str, reason: str) -> int:
-        try:
-            record = self.state.job(job_id)
-        except JobNotFoundError:
-            return 0  # its campaign's records are gone: nothing to requeue
-        if record.attempt >= MAX_ATTEMPTS and record.state == JobState.RUNNING:
-            message = f"worker lost {MAX_ATTEMPTS} times while rendering this job (last: {reason})"
+    def give_back(
+        self, job_id: str, worker_id: str, reason: str, move: Move = Move.REQUEUE, attempt: int | None = None
+    ) -> bool:
+        """Take ``job_id`` from ``worker_id`` (only if it is still that worker's, and that attempt)
+        and queue it again, freeing the worker's slot; True if it moved.
+
+        A job that was running counts as lost: lost ``MAX_ATTEMPTS`` times, it fails instead, so a
+        job that kills its worker cannot loop for ever (celery #9082). A job lost before it started
+        costs nothing.
+        """
+        fields: list[str | None] = self.redis.hmget(keys.job(job_id), ["state", "lost"])  # type: ignore[assignment]
+        current, lost_before = fields
+        if current is None:
+            return False  # its campaign's records are gone: nothing to give back
+        if current != JobState.RUNNING:
+            return self.state.move(
+                job_id, move, JobState.PENDING, if_worker=worker_id, if_attempt=attempt, release=worker_id
+            ).changed
+        lost = int(lost_before or 0) + 1
+        if lost >= MAX_ATTEMPTS:
+            message = f"worker lost {lost} times while rendering this job (last: {reason})"
             outcome = self.state.move(
-                job_id, Move.ABANDON, JobState.FAILED, if_worker=worker_id, fields={"error": message}
+                job_id,
+                Move.ABANDON,
+                JobState.FAILED,
+                if_worker=worker_id,
+                if_attempt=attempt,
+                fields={"error": message, "lost": str(lost)},
+                release=worker_id,
             )
         else:
-            outcome = self.state.move(job_id, Move.REQUEUE, JobState.PENDING, if_worker=worker_id)
-        return int(outcome.changed)
+            outcome = self.state.move(
+                job_id,
+                move,
+                JobState.PENDING,
+                if_worker=worker_id,
+                if_attempt=attempt,
+                fields={"lost": str(lost)},
+                release=worker_id,
+            )
+        return outcome.changed

@@ -35,6 +35,9 @@ class FarmSettings(BaseSettings):
     kv_host_budget_mb: int | None = None
     prompt_cache_mb: int | None = None
     cache_dir: Path = Path.home() / ".cache" / "kleinfarm"
+    # Bytes of checked reference images a worker keeps on disk (under cache_dir), least recently
+    # used evicted first; workers sharing the folder share the budget.
+    reference_cache_mb: int = Field(default=4096, ge=0)
 
     reference_max_bytes: int = 50 * 1024 * 1024
     reference_max_pixels: int = 40_000_000
@@ -60,6 +63,11 @@ class FarmSettings(BaseSettings):
     # Longer than the longest job, or kombu redelivers a running task (celery #5306, #5935).
     visibility_timeout_s: int = 4 * 3600
     worker_slots: int = Field(default=2, description="jobs a worker may hold: one running, one waiting")
+    # A job that meets a transient fault (storage, network, Redis) waits backoff_s, then twice that,
+    # ... up to backoff_max_s, and fails with the last message after transient_retries of them.
+    transient_retries: int = Field(default=6, ge=0)
+    transient_backoff_s: float = Field(default=2.0, gt=0)
+    transient_backoff_max_s: float = Field(default=60.0, gt=0)
     # Which routing policy the dispatcher applies (kleinfarm.shared.routing.POLICIES); the
     # baselines are there to compare against, ``kleinfarm`` is the farm's own.
     routing_policy: str = "kleinfarm"

@@ -65,6 +65,7 @@ class FarmState:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._transition = load_script(client, "transition.lua")
+        self._promote = load_script(client, "promote.lua")
 
     @classmethod
     def from_url(cls, url: str) -> FarmState:
@@ -135,15 +136,20 @@ class FarmState:
         if job_ids:
             self.redis.zrem(keys.PENDING, *job_ids)
             self.redis.zrem(keys.campaign_paused(campaign_id), *job_ids)
+            self.redis.zrem(keys.DELAYED, *job_ids)
         return sum(outcome.changed for outcome in outcomes)
+
+    def server_time(self) -> float:
+        """Now, by the Redis server's clock: the one clock every machine of the farm agrees on."""
+        seconds, micros = self.redis.time()  # type: ignore[misc]
+        return float(seconds) + float(micros) / 1e6
 
     def last_transition_age(self, campaign_id: str) -> float | None:
         """Seconds since a job of the campaign last changed state, by the Redis server's clock."""
         changed_at = self.redis.hget(keys.campaign(campaign_id), "changed_at")
         if changed_at is None:
             return None
-        seconds, micros = self.redis.time()  # type: ignore[misc]
-        return float(seconds) + float(micros) / 1e6 - float(str(changed_at))
+        return self.server_time() - float(str(changed_at))
 
     def cancel_reason(self, campaign_id: str) -> str | None:
         """Why the campaign's jobs must stop, or None while they may run."""
@@ -171,18 +177,26 @@ class FarmState:
         if_attempt: int | None = None,
         if_worker: str | None = None,
         fields: dict[str, str] | None = None,
+        delay_s: float | None = None,
+        release: str | None = None,
     ) -> MoveOutcome:
         """Carry out ``move`` to ``target`` if the job is in one of the move's source states.
 
         ``if_attempt`` / ``if_worker``: only if the job is still that attempt / with that worker.
-        A requeue or retry puts the job back in the queue in the same atomic step.
+        A move back to pending puts the job in the queue in the same atomic step, or, with
+        ``delay_s``, in ``keys.DELAYED`` until that many seconds of the Redis clock have passed.
+        ``release``: the worker whose slot the job frees in the same step.
         """
         condition = self._condition(job_id, move, target, fields or {})
         if if_attempt is not None:
             condition["attempt"] = str(if_attempt)
         if if_worker is not None:
             condition["worker"] = if_worker
-        return MoveOutcome.from_reply(self._call(job_id, target, condition))
+        if delay_s is not None:
+            condition["delay_s"] = f"{delay_s:.3f}"
+        if release is not None:
+            condition["release"] = True
+        return MoveOutcome.from_reply(self._call(job_id, target, condition, worker_id=release or ""))
 
     def move_many(self, job_ids: list[str], move: Move, target: JobState, fields: dict[str, str]) -> list[MoveOutcome]:
         outcomes: list[MoveOutcome] = []
@@ -229,8 +243,32 @@ class FarmState:
             keys.campaign_paused(campaign_id),
             keys.campaign_events(campaign_id),
             keys.worker_assigned(worker_id) if worker_id else "",
+            keys.ACTIVE,
+            keys.DELAYED,
         ]
-        return self._transition(keys=script_keys, args=[str(target), json.dumps(condition)], client=client)
+        return self._transition(keys=script_keys, args=[str(target), json.dumps(condition), job_id], client=client)
+
+    def promote_ready(self, limit: int = PIPELINE_CHUNK) -> int:
+        """Queue the jobs whose backoff is over (by the Redis clock); return how many."""
+        ready: list[str] = self.redis.zrangebyscore(keys.DELAYED, "-inf", self.server_time(), 0, limit)  # type: ignore[assignment]
+        if not ready:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ready:
+            campaign_id = keys.campaign_of(job_id)
+            script_keys = [
+                keys.DELAYED,
+                keys.job(job_id),
+                keys.campaign(campaign_id),
+                keys.PENDING,
+                keys.campaign_paused(campaign_id),
+            ]
+            self._promote(keys=script_keys, args=[job_id], client=pipe)
+        return sum(int(queued) for queued in pipe.execute())
+
+    def active_job_ids(self) -> list[str]:
+        """Jobs in state assigned or running: those some worker is supposed to hold."""
+        return sorted(self.redis.smembers(keys.ACTIVE))  # type: ignore[arg-type]
 
     def routing(self, job_ids: list[str]) -> list[RoutingInfo | None]:
         """What the router needs of each job, written at submit."""

@@ -8,6 +8,8 @@ changes a job's state (``lua/transition.lua``), which refuses anything else.
        ^                  |  ^                 |
        |                  |  +--reissue--+     |
        +----requeue-------+------------------- +   (worker lost, below the attempt limit)
+       +----recover-------+------------------- +   (no live worker holds it: its message or end was lost)
+       +----backoff--------------------------- +   (a transient fault: back after a delay)
     failed <--abandon-- assigned | running         (worker lost too often)
     pending --cancel--> cancelled;  failed --retry--> pending
 """
@@ -51,6 +53,12 @@ class Move(StrEnum):
     ABANDON = "abandon"  # the worker was lost too often while rendering this job
     CANCEL = "cancel"  # the campaign was cancelled before the job started
     RETRY = "retry"  # an operator requeues a failed job
+    # A transient fault (storage, network, Redis) ended the attempt: nobody is to blame, and the job
+    # waits out a delay in ``keys.DELAYED`` before it is queued again.
+    BACKOFF = "backoff"
+    # The farm's record gives the job to a worker that does not hold it (the worker is gone, or the
+    # job's message or its final move was lost): the reconciler puts it back in the queue.
+    RECOVER = "recover"
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,8 @@ TRANSITIONS: dict[Move, Rule] = {
     Move.ABANDON: _rule({A, R}, {F}),
     Move.CANCEL: _rule({P}, {C}),
     Move.RETRY: _rule({F}, {P}),
+    Move.BACKOFF: _rule({R}, {P}),
+    Move.RECOVER: _rule({A, R}, {P}),
 }
 
 

@@ -1,4 +1,10 @@
-"""One job, start to end: claim, fetch references, render, store once, record the outcome."""
+"""One job, start to end: claim, fetch references, render, store once, record the outcome.
+
+How an attempt that raises ends depends on whose fault it is (``docs/architecture.md``, "Failures:
+whose fault"): the job's (bad input) fails it at once; a transient fault (storage, network, Redis)
+sends it back to the queue after a delay that grows with each one, blaming nobody; anything else
+fails it and counts against this worker.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,18 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
 
+import botocore.exceptions
+import redis.exceptions
 from PIL import PngImagePlugin
 from pydantic import TypeAdapter
 
 from kleinfarm.shared import keys
 from kleinfarm.shared.control import CampaignControl
-from kleinfarm.shared.errors import JobCancelledError, KleinfarmError, OutputConflictError
+from kleinfarm.shared.errors import JobCancelledError, KleinfarmError, OutputConflictError, TransientError
 from kleinfarm.shared.jobs import EditJob, GenerateJob, Job
 from kleinfarm.shared.locators import redact
 from kleinfarm.shared.manifest import output_key, write_manifest
@@ -22,50 +32,95 @@ from kleinfarm.shared.records import JobRecord
 from kleinfarm.shared.states import JobState, Move
 from kleinfarm.worker.context import WorkerContext
 from kleinfarm.worker.engine import ImageResult
+from kleinfarm.worker.farm.holding import HELD
 
 log = logging.getLogger(__name__)
 JOB_ADAPTER: TypeAdapter[GenerateJob | EditJob] = TypeAdapter(Job)
 EventSender = Callable[..., Any]
+T = TypeVar("T")
 ASCII_PROMPT_CHARS = 1000
 ASCII_MODEL_CHARS = 200
+# Library errors that mean a service was unreachable or timed out, not that the job is bad: the
+# object store's (until storage.py turns them into StorageUnavailableError) and Redis's.
+TRANSIENT_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+)
+# The outcome of an attempt is written through a short Redis outage (a restart from AOF) rather
+# than lost; past these waits the reconciler returns the job to the queue instead.
+RECORD_RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0)
+
+
+class Fault(StrEnum):
+    """Whose fault an attempt's failure is."""
+
+    NONE = "none"  # it succeeded, or its campaign was cancelled
+    JOB = "job"  # bad input: fails at once, never retried, nobody blamed
+    TRANSIENT = "transient"  # a service unreachable or throttled: retried after a backoff, nobody blamed
+    WORKER = "worker"  # anything else: fails, and counts against this worker for the campaign
+
+
+@dataclass
+class Ending:
+    """How an attempt ended: the state to record, its fields, and whose fault a failure was."""
+
+    state: JobState
+    fields: dict[str, str] = field(default_factory=dict)
+    fault: Fault = Fault.NONE
+
+
+def classify(error: BaseException) -> Fault:
+    """Whose fault ``error`` is; a transient cause anywhere in its chain makes it transient."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, TransientError | TRANSIENT_LIBRARY_ERRORS):
+            return Fault.TRANSIENT
+        cause = cause.__cause__
+    return Fault.JOB if isinstance(error, KleinfarmError) else Fault.WORKER
 
 
 def run_job(context: WorkerContext, job_id: str, attempt: int, send_event: EventSender) -> str:
-    """Run ``job_id`` if this delivery still holds its attempt; return the job's final state."""
-    state, worker, started = context.state, context.worker_id, time.time()
-    claim = state.move(
-        job_id, Move.CLAIM, JobState.RUNNING, if_attempt=attempt, if_worker=worker, fields={"started": str(started)}
-    )
-    if not claim.changed:
-        # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
-        log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.previous or "unknown")
-        return claim.previous
-    if context.metrics is not None:
-        submitted = state.redis.hget(keys.campaign(keys.campaign_of(job_id)), "created")
-        context.metrics.job_started(started - float(str(submitted)) if submitted else None)
-    try:
-        final, fields, worker_fault = _execute(context, job_id, send_event)
-        return _finish(context, job_id, attempt, final, fields, worker_fault)
-    finally:
-        context.registry.release(worker, job_id)
+    """Run ``job_id`` if this delivery still holds its attempt; return the job's state after it."""
+    with HELD.holding(job_id):  # the heartbeat tells the reconciler this job is in hand
+        state, worker, started = context.state, context.worker_id, time.time()
+        claim = state.move(
+            job_id, Move.CLAIM, JobState.RUNNING, if_attempt=attempt, if_worker=worker, fields={"started": str(started)}
+        )
+        if not claim.changed:
+            # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
+            log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.previous or "unknown")
+            return claim.previous
+        if context.metrics is not None:
+            submitted = state.redis.hget(keys.campaign(keys.campaign_of(job_id)), "created")
+            context.metrics.job_started(started - float(str(submitted)) if submitted else None)
+        try:
+            ending = _execute(context, job_id, send_event)
+            if ending.fault == Fault.TRANSIENT:
+                return _back_off(context, job_id, attempt, ending)
+            return _finish(context, job_id, attempt, ending)
+        finally:
+            _persist(lambda: context.registry.release(worker, job_id))
 
 
-def _execute(context: WorkerContext, job_id: str, send_event: EventSender) -> tuple[JobState, dict[str, str], bool]:
-    """Run the job; return its final state, the fields to record, and whether the worker is at fault."""
+def _execute(context: WorkerContext, job_id: str, send_event: EventSender) -> Ending:
+    """Run the job; return how it ended and, for a failure, whose fault it was."""
     try:
         if reason := context.state.cancel_reason(keys.campaign_of(job_id)):
             raise JobCancelledError(reason)
         record = context.state.job(job_id)
         job = JOB_ADAPTER.validate_python(record.spec)
-        fields = _render_and_store(context, record, job, send_event)
-        return JobState.SUCCEEDED, fields, False
+        return Ending(JobState.SUCCEEDED, _render_and_store(context, record, job, send_event))
     except JobCancelledError as error:
-        return JobState.CANCELLED, {"error": str(error)}, False
-    except KleinfarmError as error:
-        return JobState.FAILED, {"error": str(error)}, False
-    except Exception as error:  # one bad job must not take the worker down; the worker may be at fault
-        log.exception("job %s failed unexpectedly", job_id)
-        return JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}, True
+        return Ending(JobState.CANCELLED, {"error": str(error)})
+    except Exception as error:  # one bad job must not take the worker down
+        fault = classify(error)
+        if fault == Fault.WORKER:
+            log.exception("job %s failed unexpectedly", job_id)
+            return Ending(JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}, fault)
+        text = str(error) if isinstance(error, KleinfarmError) else f"{type(error).__name__}: {error}"
+        return Ending(JobState.FAILED, {"error": text}, fault)
 
 
 def _render_and_store(
@@ -131,24 +186,58 @@ def _png(
         "job": job_id,
         "seed": str(job.seed),
         "size": f"{job.width}x{job.height}",
-        "model": _ascii(context.engine.model, ASCII_MODEL_CHARS),
+        "model": context.engine.model[:ASCII_MODEL_CHARS],
         "refset": result.refset or "",
-        "prompt": _ascii(job.prompt, ASCII_PROMPT_CHARS),
+        "prompt": job.prompt[:ASCII_PROMPT_CHARS],
         "render-s": str(result.timings.get("render_s", "")),
     }
-    return buffer.getvalue(), "image/png", ascii_meta
+    return buffer.getvalue(), "image/png", {name: header_value(value) for name, value in ascii_meta.items()}
 
 
-def _ascii(text: str, limit: int) -> str:
-    return text.encode("ascii", "replace").decode()[:limit]
+def header_value(text: str) -> str:
+    """``text`` as an S3 metadata value, which travels as an HTTP header: printable ASCII only.
+
+    A newline (a YAML ``prompt: |``) would end the header, and a control or non-ASCII character is
+    refused or mangled on the way; the PNG keeps the full text.
+    """
+    printable = "".join(char if " " <= char <= "~" else (" " if char.isspace() else "?") for char in text)
+    return " ".join(printable.split())  # no runs of spaces, none at either end: S3 trims them
 
 
-def _finish(
-    context: WorkerContext, job_id: str, attempt: int, final: JobState, fields: dict[str, str], worker_fault: bool
-) -> str:
-    fields["finished"] = str(time.time())
-    outcome = context.state.move(
-        job_id, Move.FINISH, final, if_attempt=attempt, if_worker=context.worker_id, fields=fields
+def _back_off(context: WorkerContext, job_id: str, attempt: int, ending: Ending) -> str:
+    """Send the job back to the queue after a delay that grows with each transient fault; fail it
+    with the last message once it has met ``transient_retries`` of them."""
+    settings, message = context.settings, ending.fields["error"]
+    failures = int(_persist(lambda: context.state.redis.hget(keys.job(job_id), "transient_failures")) or 0) + 1
+    if failures > settings.transient_retries:
+        gave_up = f"gave up after {failures} transient failures; the last: {message}"
+        return _finish(context, job_id, attempt, Ending(JobState.FAILED, {"error": gave_up}, Fault.TRANSIENT))
+    delay_s = min(settings.transient_backoff_s * 2 ** (failures - 1), settings.transient_backoff_max_s)
+    fields = {"transient_failures": str(failures), "transient_error": message}
+    outcome = _persist(
+        lambda: context.state.move(
+            job_id,
+            Move.BACKOFF,
+            JobState.PENDING,
+            if_attempt=attempt,
+            if_worker=context.worker_id,
+            fields=fields,
+            delay_s=delay_s,
+        )
+    )
+    if not outcome.changed:
+        log.warning("%s was taken from this worker while it ran (now %s)", job_id, outcome.previous)
+        return outcome.previous
+    log.warning("%s: transient fault %d, queued again in %.1f s: %s", job_id, failures, delay_s, message)
+    return str(JobState.PENDING)
+
+
+def _finish(context: WorkerContext, job_id: str, attempt: int, ending: Ending) -> str:
+    final, fields = ending.state, {**ending.fields, "finished": str(time.time())}
+    outcome = _persist(
+        lambda: context.state.move(
+            job_id, Move.FINISH, final, if_attempt=attempt, if_worker=context.worker_id, fields=fields
+        )
     )
     if not outcome.changed:
         log.warning("%s was taken from this worker while it ran (now %s)", job_id, outcome.previous)
@@ -159,10 +248,31 @@ def _finish(
     campaign_id = keys.campaign_of(job_id)
     if final == JobState.FAILED:
         control = CampaignControl(context.state)
-        if worker_fault and control.record_worker_failure(campaign_id, context.identity):
+        if ending.fault == Fault.WORKER and control.record_worker_failure(campaign_id, context.identity):
             log.warning("%s keeps failing campaign %s: kept off it", context.identity, campaign_id)
         control.fail_if_over_limit(campaign_id)
     if outcome.closed_campaign:
-        write_manifest(context.state, context.storage, campaign_id)
+        _write_manifest(context, campaign_id)
     log.info("%s %s%s", job_id, final, f": {fields['error']}" if "error" in fields else "")
     return str(final)
+
+
+def _write_manifest(context: WorkerContext, campaign_id: str) -> None:
+    """The job's outcome is recorded already: a manifest that cannot be written now is written by
+    the client's ``wait()`` (an orphaned campaign) or a ``retry``, not a reason to fail the task."""
+    try:
+        write_manifest(context.state, context.storage, campaign_id)
+    except Exception:  # the campaign is done either way; say why its manifest is missing
+        log.exception("manifest of campaign %s not written", campaign_id)
+
+
+def _persist(write: Callable[[], T]) -> T:
+    """Run a Redis write, waiting out a short outage; a longer one raises (the reconciler then
+    returns the job to the queue)."""
+    for wait_s in RECORD_RETRY_WAITS_S:
+        try:
+            return write()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            log.warning("Redis unreachable (%s); retrying in %.1f s", error, wait_s)
+            time.sleep(wait_s)
+    return write()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,21 +35,32 @@ def lower_bound(jobs: list[TraceJob], workers: int) -> float:
 def summarize(
     policy: str, jobs: list[TraceJob], outcome: Outcome, bound: float, oracle_hit: float, seconds: float
 ) -> dict[str, Any]:
-    edits = [job for job in jobs if job.refset is not None]
+    """One policy's figures over the jobs that ran; ``unrun`` counts the others (it must be 0)."""
+    ran = [job for job in jobs if outcome.ran(job.index)]
+    edits = [job for job in ran if job.refset is not None]
     hit_rate = sum(outcome.hit[job.index] for job in edits) / max(len(edits), 1)
-    waits = sorted(outcome.start[job.index] - job.arrival_s for job in jobs)
+    waits = sorted(outcome.start[job.index] - job.arrival_s for job in ran) or [0.0]
+    makespan = max((outcome.finish[job.index] for job in ran), default=0.0)
     mean_busy = sum(outcome.busy) / len(outcome.busy)
     return {
         "policy": policy,
         "kv_hit_rate": round(hit_rate, 4),
         "hit_rate_vs_oracle": round(hit_rate / oracle_hit, 4) if oracle_hit else None,
-        "makespan_s": round(max(outcome.finish), 1),
-        "makespan_vs_lower_bound": round(max(outcome.finish) / bound, 4),
+        "makespan_s": round(makespan, 1),
+        "makespan_vs_lower_bound": round(makespan / bound, 4),
         "max_over_mean_busy": round(max(outcome.busy) / mean_busy, 4) if mean_busy else None,
         "wait_p50_s": round(waits[len(waits) // 2], 2),
         "wait_p95_s": round(waits[int(len(waits) * 0.95)], 2),
+        "unrun": len(jobs) - len(ran),
+        "gpu_s": round(sum(outcome.busy), 1),  # work plus builds, every worker
         "sim_s": round(seconds, 2),
     }
+
+
+def oracle_gpu_s(jobs: list[TraceJob]) -> float:
+    """All the work plus one build per reference set: what an infinite cache spends."""
+    builds = {job.refset: job.build_s for job in jobs if job.refset is not None}
+    return sum(job.work_s for job in jobs) + sum(builds.values())
 
 
 def oracle_row(jobs: list[TraceJob], bound: float) -> dict[str, Any]:
@@ -63,6 +75,8 @@ def oracle_row(jobs: list[TraceJob], bound: float) -> dict[str, Any]:
         "max_over_mean_busy": 1.0,
         "wait_p50_s": None,
         "wait_p95_s": None,
+        "unrun": 0,
+        "gpu_s": round(oracle_gpu_s(jobs), 1),
         "sim_s": 0.0,
     }
 
@@ -96,11 +110,14 @@ def bench_routing(
     seed: int,
     write_trace: Path | None = None,
     refsets: int | None = None,
+    mixed: bool = False,
 ) -> list[dict[str, Any]]:
     """Every policy on one trace (read, or generated from ``seed``): print and return a row each, then the oracle's."""
     costs = CostModel()
     if trace is not None:
         rows = traces.read_trace(trace)
+    elif mixed:
+        rows = traces.mixed_trace(seed)
     elif bursty:
         rows = traces.bursty_trace(jobs, workers, seed, costs)
     else:
@@ -110,5 +127,7 @@ def bench_routing(
     results = []
     for row in run_policies(rows, workers, kv_gib, costs):
         print(json.dumps({"workers": workers, "jobs": len(rows), **row}), flush=True)
+        if row["unrun"]:
+            print(f"{row['policy']}: {row['unrun']} of {len(rows)} jobs never ran", file=sys.stderr, flush=True)
         results.append(row)
     return results

@@ -6,6 +6,10 @@ policy as a one-job round over every worker; the worker runs its queue in order.
 jobs wait in one pending index and a worker with a free slot (two: one running, one waiting)
 takes what ``AffinityPolicy`` hands it in the farm's dispatch rounds. Every worker keeps reference
 K/V in an LRU cache with a byte budget; a job whose set is not held pays the build.
+
+Load is counted as the policies count it, in whole milliseconds (``costmodel.to_ms``): the running
+sums go up and down for hours and must come back to exactly zero. Every job must run; one that did
+not keeps its sentinel in ``Outcome`` and is reported (``unrun``), never counted.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kleinfarm.shared.costmodel import CostModel
+from kleinfarm.shared.costmodel import CostModel, to_ms
 from kleinfarm.shared.routing import AffinityPolicy, PendingIndex, PendingJob, Policy, Round, WorkerState
 
 SLOTS = 2
@@ -77,14 +81,28 @@ class KVCache:
         return False, evicted
 
 
+UNRUN = -1.0  # the start and finish of a job that never ran
+
+
 @dataclass
 class Outcome:
-    """What happened to each job."""
+    """What happened to each job: nothing, until it runs (a job is a hit only once it ran as one)."""
 
     start: list[float]
     finish: list[float]
     hit: list[bool]
     busy: list[float]
+
+    @classmethod
+    def unrun(cls, jobs: int) -> Outcome:
+        return cls([UNRUN] * jobs, [UNRUN] * jobs, [False] * jobs, [])
+
+    def ran(self, index: int) -> bool:
+        return self.finish[index] != UNRUN
+
+    @property
+    def unrun_jobs(self) -> int:
+        return sum(1 for finish in self.finish if finish == UNRUN)
 
 
 class PushWorker:
@@ -120,7 +138,7 @@ def simulate_push(jobs: list[TraceJob], workers: int, budget: int, policy: Polic
     states = [worker.state for worker in pool]
     by_id = {worker.state.worker_id: index for index, worker in enumerate(pool)}
     in_flight: list[tuple[float, int]] = []  # (finish, worker index)
-    outcome = Outcome([0.0] * len(jobs), [0.0] * len(jobs), [True] * len(jobs), [])
+    outcome = Outcome.unrun(len(jobs))
     # One round object throughout: the policy empties its pending index with every decision.
     round = Round(PendingIndex(), states, {})
     for job in jobs:
@@ -128,7 +146,7 @@ def simulate_push(jobs: list[TraceJob], workers: int, budget: int, policy: Polic
         while in_flight and in_flight[0][0] <= now:
             states[heapq.heappop(in_flight)[1]].queued_jobs -= 1
         for worker, state in zip(pool, states, strict=True):
-            state.queued_s = worker.free_at - now
+            state.queued_ms = to_ms(worker.free_at - now)
         round.pending.add(PendingJob(str(job.index), job.refset, job.work_s, job.build_s))
         (decision,) = policy.assign(round)
         index = by_id[decision.worker.worker_id]
@@ -144,7 +162,7 @@ class LateWorker:
         self.index = index
         self.state = WorkerState(f"w{index:04d}", f"w{index:04d}", 0.0, SLOTS)
         self.cache = KVCache(budget)
-        self.waiting: deque[tuple[TraceJob, float]] = deque()
+        self.waiting: deque[tuple[TraceJob, int]] = deque()  # with the estimate counted, in ms
         self.running = False
         self.busy = 0.0
         self.handed: dict[str, int] = {}
@@ -161,10 +179,10 @@ class LateBindingSim:
         # The rendezvous order is over the whole farm, though a round offers only the free workers.
         self.policy = policy or AffinityPolicy(worker.state.identity for worker in self.pool)
         self.by_id = {worker.state.worker_id: worker for worker in self.pool}
-        self.queued_total = 0.0
+        self.queued_ms = 0  # the farm's queued work: exact, so it is 0 whenever every queue is empty
         self.free = set(range(workers))
         self.events: list[tuple[float, int, int, int]] = []  # (time, order, kind, index)
-        self.outcome = Outcome([0.0] * len(jobs), [0.0] * len(jobs), [True] * len(jobs), [])
+        self.outcome = Outcome.unrun(len(jobs))
 
     def run(self) -> Outcome:
         for job in self.jobs:
@@ -191,22 +209,22 @@ class LateBindingSim:
                 [self.pool[index].state for index in self.free],
                 self.holders,
                 farm_size=len(self.pool),
-                farm_queued_s=self.queued_total,
+                farm_queued_ms=self.queued_ms,
             )
         )
         for decision in decisions:
             worker = self.by_id[decision.worker.worker_id]
-            order = self._hand(worker, self.jobs[int(decision.job.job_id)], decision.cost_s, now, order)
+            order = self._hand(worker, self.jobs[int(decision.job.job_id)], decision.cost_ms, now, order)
         return order
 
-    def _hand(self, worker: LateWorker, job: TraceJob, estimate: float, now: float, order: int) -> int:
+    def _hand(self, worker: LateWorker, job: TraceJob, estimate_ms: int, now: float, order: int) -> int:
         """The policy counted the job against the worker; queue it there and start it if idle."""
         if job.refset is not None:
             worker.handed[job.refset] = worker.handed.get(job.refset, 0) + 1
         if not worker.state.free_slots:
             self.free.discard(worker.index)
-        self.queued_total += estimate
-        worker.waiting.append((job, estimate))
+        self.queued_ms += estimate_ms
+        worker.waiting.append((job, estimate_ms))
         if not worker.running:
             order = self._start(worker, now, order)
         return order
@@ -226,13 +244,13 @@ class LateBindingSim:
         return order + 1
 
     def _finish(self, worker: LateWorker, now: float, order: int) -> int:
-        job, estimate = worker.waiting.popleft()
+        job, estimate_ms = worker.waiting.popleft()
         worker.running = False
-        worker.state.queued_s -= estimate
+        worker.state.queued_ms -= estimate_ms
         worker.state.queued_jobs -= 1
         worker.state.free_slots += 1
         self.free.add(worker.index)
-        self.queued_total -= estimate
+        self.queued_ms -= estimate_ms
         if job.refset is not None:
             worker.handed[job.refset] -= 1
             if not worker.handed[job.refset] and job.refset not in worker.cache.entries:

@@ -1,4 +1,4 @@
-"""Routing traces: synthetic (Zipf-distributed or bursty campaigns) or read from a file.
+"""Routing traces: synthetic (Zipf-distributed, bursty campaigns, or a mixed day) or read from a file.
 
 A trace line is ``{"arrival_s", "refset", "num_refs", "ref_px", "width", "height"}``; the
 simulator (``simulator.trace_jobs``) turns lines into jobs with their costs.
@@ -67,6 +67,87 @@ def bursty_trace(jobs: int, workers: int, seed: int, costs: CostModel) -> list[d
     return rows
 
 
+# The mixed day (``mixed_trace``): two hours of a shared farm, what ``examples/traces/mixed-2h.jsonl`` is.
+MIXED_HOURS_S = 7200.0
+MIXED_SHARED_SETS = 36  # brand kits, style guides: the sets campaigns and users share
+MIXED_CAMPAIGNS = 14
+MIXED_BULK_JOBS = 5000
+MIXED_BULK_AT_S = 4500.0  # the nightly bulk edit, submitted whole
+MIXED_IDLE_GAPS = ((1500.0, 2200.0), (3400.0, 3900.0), (6500.0, 7000.0))  # nobody submits anything
+MIXED_INTERACTIVE_RATE = 0.4  # single edits per second, while anyone is working
+MIXED_GENERATE_RATE = 0.2
+
+
+def mixed_trace(seed: int) -> list[dict[str, Any]]:
+    """Two hours of a shared farm, with idle gaps: whole campaigns arriving in bursts over a few
+    dozen shared reference sets, a nightly bulk edit of single-reference products, people editing
+    one image at a time, and generates. The same trace whatever the farm's size (it is a day's
+    demand, not a load test): about 16,700 jobs, from ``seed``.
+    """
+    rng = random.Random(seed)
+    shared = [f"brand{index}" for index in range(MIXED_SHARED_SETS)]
+    rows = _campaigns(rng, shared) + _bulk_edit(rng) + _interactive(rng, shared) + _generates(rng)
+    rows.sort(key=lambda row: row["arrival_s"])
+    return rows
+
+
+def _busy_times(rng: random.Random, rate: float) -> list[float]:
+    """Poisson arrival times over the two hours, none inside an idle gap."""
+    times, clock = [], 0.0
+    while (clock := clock + rng.expovariate(rate)) < MIXED_HOURS_S:
+        if not any(start <= clock < end for start, end in MIXED_IDLE_GAPS):
+            times.append(round(clock, 3))
+    return times
+
+
+def _campaigns(rng: random.Random, shared: list[str]) -> list[dict[str, Any]]:
+    """Campaigns submitted whole: each draws on a few shared sets (the first ones most), plus
+    products of its own and some generates."""
+    rows: list[dict[str, Any]] = []
+    starts = sorted(rng.choice(_busy_times(rng, 0.01)) for _ in range(MIXED_CAMPAIGNS))
+    for campaign, start in enumerate(starts):
+        kits = rng.sample(shared, rng.randint(2, 6))
+        weights = [1 / (rank + 1) for rank in range(len(kits))]
+        for index in range(rng.randint(200, 900)):
+            draw = rng.random()
+            refset = None if draw < 0.15 else f"c{campaign}-p{index}" if draw < 0.3 else rng.choices(kits, weights)[0]
+            rows.append(_job(rng, refset, start))
+    return rows
+
+
+def _bulk_edit(rng: random.Random) -> list[dict[str, Any]]:
+    """The nightly catalogue refresh: every product edited once, from its own single photo."""
+    return [
+        {
+            "arrival_s": MIXED_BULK_AT_S,
+            "refset": f"p{index}",
+            "num_refs": 1,
+            "ref_px": rng.choice(REF_SIDES),
+            "width": 1024,
+            "height": 1024,
+        }
+        for index in range(MIXED_BULK_JOBS)
+    ]
+
+
+def _interactive(rng: random.Random, shared: list[str]) -> list[dict[str, Any]]:
+    """People editing one image at a time: a few tries on their own upload, or a shared kit."""
+    rows: list[dict[str, Any]] = []
+    times = _busy_times(rng, MIXED_INTERACTIVE_RATE)
+    session, left = "", 0
+    for clock in times:
+        if not left:  # a new person, or a new upload: their set, tried 1 to 6 times
+            session = rng.choice(shared) if rng.random() < 0.3 else f"u{len(rows)}"
+            left = rng.randint(1, 6)
+        rows.append(_job(rng, session, clock))
+        left -= 1
+    return rows
+
+
+def _generates(rng: random.Random) -> list[dict[str, Any]]:
+    return [_job(rng, None, clock) for clock in _busy_times(rng, MIXED_GENERATE_RATE)]
+
+
 def _job(rng: random.Random, refset: int | str | None, arrival: float) -> dict[str, Any]:
     side = rng.choice(SIDES)
     if refset is None:
@@ -93,4 +174,5 @@ def read_trace(path: Path) -> list[dict[str, Any]]:
 
 
 def write_trace(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # Compact separators: the shipped traces are tens of thousands of lines.
+    path.write_text("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))

@@ -10,18 +10,21 @@ worker holds at that moment. For a free worker, in order:
 3. a job without references (they fill the gaps: any worker serves them equally well);
 4. a job of a set held elsewhere, only if its holders' backlog outlasts building it here.
 
-Load is counted in seconds of work (``costmodel.py``), and a worker whose queued work exceeds
-``cap`` times the mean takes nothing more until the others catch up (bounded load).
+Load is counted in whole milliseconds of work (``costmodel.py``), and a worker whose queued work
+exceeds ``cap`` times the mean takes nothing more until the others catch up (bounded load); the
+least-loaded free worker of a round is never held back, so the cap can slow the farm, not stop it.
 
 A worker kept off some campaigns chooses among the jobs it may take, so a blocked campaign at
-the head of the queue neither wastes its slot nor stalls the round.
+the head of the queue neither wastes its slot nor stalls the round. Holders are counted per job:
+a holder kept off a job's campaign does not count as one for it, so another worker builds the set
+rather than wait for a holder that will never take the job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,20 +62,20 @@ class Owners:
         return ranks.get(identity, len(self.identities))
 
 
-def desired_holders(backlog_s: float, fair_s: float, workers: int) -> int:
-    """How many workers a reference set's backlog should spread over.
+def desired_holders(backlog: float, fair: float, workers: int) -> int:
+    """How many workers a reference set's backlog should spread over (any one unit of time).
 
     A set spreads only once its backlog passes ``SPREAD_SLACK`` fair shares: a worker busy with
     one set while others finish is cheaper than building the set again elsewhere, until then.
     """
-    if fair_s <= 0:
+    if fair <= 0:
         return 1
-    return max(1, min(workers, math.ceil(backlog_s / (SPREAD_SLACK * fair_s) - 1e-9)))
+    return max(1, min(workers, math.ceil(backlog / (SPREAD_SLACK * fair) - 1e-9)))
 
 
-def over_cap(worker: WorkerState, mean_queued_s: float, cap: float = LOAD_CAP) -> bool:
+def over_cap(worker: WorkerState, mean_queued_ms: float, cap: float = LOAD_CAP) -> bool:
     """Bounded load: a worker with work queued beyond ``cap`` x the mean waits its turn."""
-    return worker.queued_s > 0 and worker.queued_s > cap * mean_queued_s
+    return worker.queued_ms > 0 and worker.queued_ms > cap * mean_queued_ms
 
 
 def choose_route(
@@ -80,25 +83,26 @@ def choose_route(
     pending: PendingIndex,
     holders: Mapping[str, int],
     workers: int,
-    fair_s: float,
+    fair_ms: float,
     owners: Owners | None = None,
 ) -> Take | None:
     """Where ``worker`` should take its next job from; None when it should wait.
 
-    ``holders`` counts, per route, the workers holding it or already handed a job of it.
+    ``holders`` counts, per route, the workers holding it or already handed a job of it (that
+    may take its next job). ``fair_ms`` is a worker's fair share of the farm's work.
     """
     if not pending:
         return None
     top = pending.top_priority
     held = [route for route in worker.holds if route in pending and pending.head_priority(route) == top]
     if held:
-        return Take(max(held, key=lambda route: pending.backlog_s[route]))
+        # Ties by name: a set's iteration order changes with PYTHONHASHSEED, and results must not.
+        return Take(max(held, key=lambda route: (pending.backlog_ms[route], route)))
     window = [route for route in pending.window() if pending.head_priority(route) == top]
     wanted = {
         route: desired
         for route in window
-        if route is not None
-        and holders.get(route, 0) < (desired := desired_holders(pending.backlog_s[route], fair_s, workers))
+        if route is not None and holders.get(route, 0) < (desired := _desired(pending, route, fair_ms, workers))
     }
     owned = [route for route in wanted if owners is None or owners.rank(route, worker.identity) < wanted[route]]
     if owned:
@@ -110,6 +114,16 @@ def choose_route(
     return _worth_stealing(window, pending, holders)
 
 
+def _desired(pending: PendingIndex, route: str, fair_ms: float, workers: int) -> int:
+    """Holders ``route`` should have: never more than its pending jobs, as a job cannot be split.
+
+    On a quiet farm the fair share is tiny and any backlog is "many fair shares": without this
+    bound one pending job would call for several holders and be built afresh by a free worker
+    while its holder is a second from done.
+    """
+    return desired_holders(pending.backlog_ms[route], fair_ms, min(workers, len(pending.queues[route])))
+
+
 def _worth_stealing(window: list[str | None], pending: PendingIndex, holders: Mapping[str, int]) -> Take | None:
     """A set whose holders would take longer to clear it than this worker takes to build it."""
     best: tuple[float, str] | None = None
@@ -117,10 +131,35 @@ def _worth_stealing(window: list[str | None], pending: PendingIndex, holders: Ma
         if route is None:
             continue
         head = pending.queues[route][0]
-        gain = pending.backlog_s[route] / max(holders.get(route, 0), 1) - (head.build_s + head.work_s)
+        gain = pending.backlog_ms[route] / max(holders.get(route, 0), 1) - (head.build_ms + head.work_ms)
         if gain > 0 and (best is None or gain > best[0]):
             best = (gain, route)
     return Take(best[1]) if best else None
+
+
+class _EligibleHolders(Mapping[str, int]):
+    """Holders of each route that may take its next job in ``index``: those kept off its campaign do not count.
+
+    Without this, a job whose only holder is blocklisted from its campaign waits for ever: the
+    holder never takes it, and every other worker sees the set as held.
+    """
+
+    def __init__(self, round: Round, index: PendingIndex) -> None:
+        self.round, self.index = round, index
+
+    def __getitem__(self, route: str) -> int:
+        count = self.round.holders[route]
+        queue = self.index.queues.get(route)
+        kept_off = self.round.kept_off(queue[0]) if queue else frozenset()
+        if kept_off:
+            count -= sum(1 for state in self.round.workers if route in state.holds and state.identity in kept_off)
+        return count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.round.holders)
+
+    def __len__(self) -> int:
+        return len(self.round.holders)
 
 
 class _Choices:
@@ -145,6 +184,10 @@ class _Choices:
         if view is None:
             view = self._views[blocked] = self.round.pending.excluding(blocked)
         return view
+
+    def holders(self, index: PendingIndex) -> Mapping[str, int]:
+        """The holder counts a worker choosing from ``index`` goes by."""
+        return _EligibleHolders(self.round, index) if self.round.exclusions else self.round.holders
 
     def take(self, index: PendingIndex, route: str | None) -> PendingJob:
         """The oldest job of ``route`` in ``index``, taken out of the round."""
@@ -185,24 +228,26 @@ class AffinityPolicy(Policy):
         The states and ``round.holders`` are updated as decisions are made, so one round stays
         consistent.
         """
-        pending, workers, holders = round.pending, round.workers, round.holders
-        size = round.farm_size or len(workers)
-        queued = sum(worker.queued_s for worker in workers) if round.farm_queued_s is None else round.farm_queued_s
-        owners = self.owners(workers)
+        pending, size = round.pending, round.farm_size or len(round.workers)
+        queued = sum(w.queued_ms for w in round.workers) if round.farm_queued_ms is None else round.farm_queued_ms
+        owners = self.owners(round.workers)
         choices = _Choices(round)
         decisions: list[Decision] = []
         progress = True
         while progress and pending:
             progress = False
-            mean_queued, fair_s = queued / max(size, 1), (pending.total_s + queued) / max(size, 1)
-            for worker in sorted(workers, key=lambda state: (state.queued_s, state.worker_id)):
-                if worker.free_slots <= 0 or over_cap(worker, mean_queued) or not pending:
+            mean_ms, fair_ms = queued / max(size, 1), (pending.total_ms + queued) / max(size, 1)
+            free = sorted((w for w in round.workers if w.free_slots > 0), key=lambda w: (w.queued_ms, w.worker_id))
+            for position, worker in enumerate(free):
+                # The least-loaded free worker is never over the cap: were every free worker over
+                # it (the mean counts busy workers too), nobody would take anything this round.
+                if not pending or worker.free_slots <= 0 or (position and over_cap(worker, mean_ms)):
                     continue
                 index = choices.for_worker(worker)
-                take = choose_route(worker, index, holders, size, fair_s, owners)
+                take = choose_route(worker, index, choices.holders(index), size, fair_ms, owners)
                 if take is None:
                     continue
-                decisions.append(commit(worker, choices.take(index, take.route), holders))
-                queued += decisions[-1].cost_s
+                decisions.append(commit(worker, choices.take(index, take.route), round.holders))
+                queued += decisions[-1].cost_ms
                 progress = True
         return decisions

@@ -13,4 +13,4 @@ class LeastLoadedPolicy(PerJobPolicy):
     name: ClassVar[str] = "least_loaded"
 
     def choose(self, job: PendingJob, candidates: list[WorkerState]) -> WorkerState:
-        return min(candidates, key=lambda worker: worker.queued_s)
+        return min(candidates, key=lambda worker: worker.queued_ms)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
+
+from kleinfarm.shared.costmodel import to_ms
 
 WINDOW_ROUTES = 64  # how far down the pending queue a decision looks, in distinct reference sets
 
@@ -23,18 +25,25 @@ class PendingJob:
     build_s: float  # seconds a miss adds
     priority: int = 0
     campaign: str | None = None  # for exclusions: a campaign may keep some workers off its jobs
+    # The same costs in whole milliseconds, what load is counted in (``costmodel.to_ms``).
+    work_ms: int = field(init=False, repr=False, compare=False)
+    build_ms: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.work_ms, self.build_ms = to_ms(self.work_s), to_ms(self.build_s)
 
 
 class PendingIndex:
     """Pending jobs by route, routes in the order their oldest job arrived, jobs FIFO within.
 
     It also keeps every job's arrival order (``jobs``), for the policies that place jobs one by one.
+    Backlogs are whole milliseconds, so they return to exactly zero however many jobs pass.
     """
 
     def __init__(self, jobs: Iterable[PendingJob] = ()) -> None:
         self.queues: OrderedDict[str | None, deque[PendingJob]] = OrderedDict()
-        self.backlog_s: dict[str | None, float] = {}
-        self.total_s = 0.0
+        self.backlog_ms: dict[str | None, int] = {}
+        self.total_ms = 0
         self._priorities: dict[int, int] = {}
         # Keyed by object identity, not job_id: a copy shares the jobs, and ids need not be unique.
         self._order: dict[int, PendingJob] = {}
@@ -52,8 +61,8 @@ class PendingIndex:
 
     def add(self, job: PendingJob) -> None:
         self.queues.setdefault(job.route, deque()).append(job)
-        self.backlog_s[job.route] = self.backlog_s.get(job.route, 0.0) + job.work_s
-        self.total_s += job.work_s
+        self.backlog_ms[job.route] = self.backlog_ms.get(job.route, 0) + job.work_ms
+        self.total_ms += job.work_ms
         self._priorities[job.priority] = self._priorities.get(job.priority, 0) + 1
         self._order[id(job)] = job
 
@@ -78,15 +87,15 @@ class PendingIndex:
 
     def _forget(self, job: PendingJob) -> None:
         """Update the totals for a job just taken out of its route's queue."""
-        self.backlog_s[job.route] -= job.work_s
-        self.total_s -= job.work_s
+        self.backlog_ms[job.route] -= job.work_ms
+        self.total_ms -= job.work_ms
         self._priorities[job.priority] -= 1
         if not self._priorities[job.priority]:
             del self._priorities[job.priority]
         del self._order[id(job)]
         if not self.queues[job.route]:
             del self.queues[job.route]
-            del self.backlog_s[job.route]
+            del self.backlog_ms[job.route]
 
     def excluding(self, campaigns: frozenset[str]) -> PendingIndex:
         """A copy without the jobs of ``campaigns``, in the same order (routes and jobs alike).

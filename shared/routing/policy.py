@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from kleinfarm.shared.costmodel import to_ms, to_s
 from kleinfarm.shared.routing.pending import PendingIndex, PendingJob
 
 NOBODY: frozenset[str] = frozenset()
@@ -31,25 +32,53 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(init=False)
 class WorkerState:
-    """A worker as a policy sees it. Policies update it as they decide, so one round stays consistent."""
+    """A worker as a policy sees it. Policies update it as they decide, so one round stays consistent.
+
+    Its queued work is kept in whole milliseconds (``queued_ms``): the simulator adds and takes
+    away estimates for hours, and only integer sums come back to exactly zero. It is built from
+    seconds, the unit callers have.
+    """
 
     worker_id: str
     identity: str  # stable across restarts: rendezvous order, hash ring, exclusions
-    queued_s: float  # seconds of work handed to it and not finished
+    queued_ms: int  # work handed to it and not finished
     free_slots: int
-    holds: set[str] = field(default_factory=set)  # routes cached or already handed to it
-    queued_jobs: int = 0  # jobs handed to it and not finished: the push baselines count jobs, not seconds
+    holds: set[str]  # routes cached or already handed to it
+    queued_jobs: int  # jobs handed to it and not finished: the push baselines count jobs, not seconds
+
+    def __init__(
+        self,
+        worker_id: str,
+        identity: str,
+        queued_s: float,
+        free_slots: int,
+        holds: set[str] | None = None,
+        queued_jobs: int = 0,
+    ) -> None:
+        self.worker_id, self.identity = worker_id, identity
+        self.queued_ms = to_ms(queued_s)
+        self.free_slots = free_slots
+        self.holds = set() if holds is None else holds
+        self.queued_jobs = queued_jobs
+
+    @property
+    def queued_s(self) -> float:
+        return to_s(self.queued_ms)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """One job handed to one worker, with the seconds of work it was counted as."""
+    """One job handed to one worker, with the work it was counted as (whole milliseconds)."""
 
     worker: WorkerState
     job: PendingJob
-    cost_s: float
+    cost_ms: int
+
+    @property
+    def cost_s(self) -> float:
+        return to_s(self.cost_ms)
 
 
 @dataclass
@@ -58,7 +87,7 @@ class Round:
 
     ``workers`` are those with a free slot (others may be included; they get nothing). ``holders``
     counts, per route, the workers holding it or already handed a job of it. ``farm_size`` and
-    ``farm_queued_s`` describe the whole farm when ``workers`` are only its free part (by default,
+    ``farm_queued_ms`` describe the whole farm when ``workers`` are only its free part (by default,
     these workers). ``exclusions`` maps a campaign id to the worker identities kept off it.
     """
 
@@ -66,7 +95,7 @@ class Round:
     workers: list[WorkerState]
     holders: dict[str, int]
     farm_size: int | None = None
-    farm_queued_s: float | None = None
+    farm_queued_ms: int | None = None
     exclusions: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def blocked(self, worker: WorkerState) -> frozenset[str]:
@@ -95,11 +124,11 @@ class Policy(ABC):
 
 def commit(worker: WorkerState, job: PendingJob, holders: dict[str, int]) -> Decision:
     """Count the job against the worker: its seconds, its slot, and the set it will now hold."""
-    cost = job.work_s + (0.0 if job.route is None or job.route in worker.holds else job.build_s)
+    cost = job.work_ms + (0 if job.route is None or job.route in worker.holds else job.build_ms)
     if job.route is not None and job.route not in worker.holds:
         worker.holds.add(job.route)
         holders[job.route] = holders.get(job.route, 0) + 1
-    worker.queued_s += cost
+    worker.queued_ms += cost
     worker.queued_jobs += 1
     worker.free_slots -= 1
     return Decision(worker, job, cost)

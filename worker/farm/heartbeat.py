@@ -8,6 +8,7 @@ import threading
 
 from kleinfarm.shared.records import WorkerReport
 from kleinfarm.worker.context import WorkerContext
+from kleinfarm.worker.farm.holding import HELD
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def worker_report(ctx: WorkerContext) -> WorkerReport:
 def beat_until(ctx: WorkerContext, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
-            ctx.registry.heartbeat(ctx.worker_id, worker_report(ctx))
+            ctx.registry.heartbeat(ctx.worker_id, worker_report(ctx), holding=HELD.snapshot())
         except Exception:  # a dead heartbeat thread would get a working worker reaped
             log.exception("heartbeat failed; retrying")
         stop.wait(ctx.settings.heartbeat_s)
