@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from kleinfarm.producer.uploads import ReferenceUploader, campaign_references, local_references
 from kleinfarm.shared import keys
 from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.costmodel import CostModel
 from kleinfarm.shared.errors import FarmTimeoutError, JobSpecError
-from kleinfarm.shared.jobs import Campaign, EditJob, GenerateJob
+from kleinfarm.shared.jobs import Campaign, EditJob, GenerateJob, describe_validation_error
 from kleinfarm.shared.klein import REFERENCE_MAX_SIDE
 from kleinfarm.shared.locators import parse_locator
 from kleinfarm.shared.manifest import write_manifest
@@ -28,6 +30,13 @@ from kleinfarm.shared.storage import Storage
 COSTS = CostModel()
 # How long the finisher of a campaign's last job gets to write the manifest before a client does.
 MANIFEST_GRACE_S = 10.0
+
+
+def revalidate(campaign: Campaign) -> Campaign:
+    try:
+        return Campaign.model_validate(campaign.model_dump())
+    except ValidationError as error:
+        raise JobSpecError(describe_validation_error(error)) from error
 
 
 def new_campaign_id(name: str) -> str:
@@ -178,8 +187,11 @@ class FarmClient:
     def submit(self, campaign: Campaign, progress: bool = False) -> CampaignHandle:
         """Upload the local files ``campaign`` names, queue every job (pipelined), return its handle.
 
-        ``progress``: a bar on stderr while more than a handful of files upload.
+        ``progress``: a bar on stderr while more than a handful of files upload. The campaign is
+        validated again: a caller may have changed a field since it was built (pydantic does not
+        check assignments), and the limits guard the farm's keys.
         """
+        campaign = revalidate(campaign)
         uploaded = self.upload_references(campaign_references(campaign), progress)
         jobs = prepare_jobs(campaign, uploaded)
         campaign_id = new_campaign_id(campaign.name)
@@ -196,7 +208,11 @@ class FarmClient:
             return {}  # a campaign of s3:// and https:// references needs no storage client here
         settings = self.settings
         uploader = ReferenceUploader(
-            self.storage, settings.reference_upload_prefix, settings.reference_max_bytes, progress
+            self.storage,
+            settings.reference_upload_prefix,
+            settings.reference_max_bytes,
+            settings.reference_max_pixels,
+            progress,
         )
         return uploader.upload(local)
 

@@ -49,4 +49,5 @@ def run_flower(port: int, address: str, env_file: Path | None) -> None:
     os.environ["FLOWER_BASIC_AUTH"] = check_credentials(secret)
     require_auth_on_metrics()
     app = make_celery(settings)
-    app.start(["flower", f"--port={port}", f"--address={address}"])
+    # No flowerconfig.py from the working directory may reset the credentials checked above.
+    app.start(["flower", "--conf=/dev/null", f"--port={port}", f"--address={address}"])

@@ -10,7 +10,6 @@ same every time.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
@@ -20,15 +19,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kleinfarm.shared.errors import JobSpecError
 from kleinfarm.shared.jobs import Campaign, EditJob
-from kleinfarm.shared.local_files import LocalFileError, check_local_file, read_local_file
+from kleinfarm.shared.local_files import LocalFileError, check_image_bytes, check_local_file, read_local_file
 from kleinfarm.shared.locators import parse_locator
 from kleinfarm.shared.storage import Storage
 
 # Fewer files than this upload before a progress bar would be worth drawing.
 PROGRESS_OVER = 5
-# A FIFO opens without waiting for a writer (and is then refused by the fstat of what was opened).
-OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-_LIMIT = "the limit is {} (KLEINFARM_REFERENCE_MAX_BYTES)"
 T = TypeVar("T")
 
 
@@ -71,10 +67,11 @@ def content_key(prefix: str, data: bytes) -> str:
 class ReferenceUploader:
     """Uploads local reference files into the farm's bucket, each content once."""
 
-    def __init__(self, storage: Storage, prefix: str, max_bytes: int, progress: bool = False) -> None:
+    def __init__(self, storage: Storage, prefix: str, max_bytes: int, max_pixels: int, progress: bool = False) -> None:
         self.storage = storage
         self.prefix = prefix
         self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
         self.progress = progress
         self._stored: set[str] = set()  # keys known to be in the bucket: two paths, same bytes
 
@@ -88,7 +85,10 @@ class ReferenceUploader:
         uploaded: dict[str, str] = {}
         with _progress_bar(len(named), self.progress and len(named) > PROGRESS_OVER) as advance:
             for path, field in named.items():
-                uploaded[path] = self._upload_one(_with_field(field, read_local_file, path, self.max_bytes))
+                data = _with_field(field, read_local_file, path, self.max_bytes)
+                # Only an image leaves this machine: a campaign naming ~/.ssh/id_rsa uploads nothing.
+                _with_field(field, check_image_bytes, path, data, self.max_pixels)
+                uploaded[path] = self._upload_one(data)
                 advance()
         return uploaded
 
@@ -96,15 +96,22 @@ class ReferenceUploader:
         key = content_key(self.prefix, data)
         # A HEAD first: a file already there (an earlier campaign's) is not sent again. The write
         # stays conditional for the race with another client uploading the same bytes.
-        if key not in self._stored and not self.storage.exists(key):
-            self.storage.put_if_absent(key, data, image_type(data)[1], {})
+        if key not in self._stored and not self._holds(key, data):
+            self.storage.put(key, data, image_type(data)[1])
         self._stored.add(key)
         return f"s3://{self.storage.bucket}/{key}"
 
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether ``key`` holds exactly ``data``: an object planted under a photo's hash is replaced."""
+        if not self.storage.exists(key):
+            return False
+        stored = self.storage.get(key, max_bytes=self.max_bytes)
+        return hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
 
-def _with_field(field: str, call: Callable[[str, int], T], path: str, max_bytes: int) -> T:
+
+def _with_field(field: str, call: Callable[..., T], *args: object) -> T:
     try:
-        return call(path, max_bytes)
+        return call(*args)
     except LocalFileError as error:
         raise JobSpecError(f"{field}: {error}") from error
 

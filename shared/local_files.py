@@ -3,12 +3,19 @@ client at submit (which uploads it) and ``kleinfarm render``. Workers never read
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from PIL import Image, UnidentifiedImageError
+
 from kleinfarm.shared.errors import JobSpecError
+
+# What the farm decodes (Pillow opens an MPO, the JPEG phone cameras write, through its JPEG parser).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 # A FIFO opens without waiting for a writer (and is then refused by the fstat of what was opened).
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
@@ -63,3 +70,19 @@ def _as_local_file_error(path: str) -> Iterator[None]:
         raise LocalFileError(f"{path} does not exist") from error
     except OSError as error:
         raise LocalFileError(f"{path} cannot be read: {error.strerror or error}") from error
+
+
+def check_image_bytes(path: str, data: bytes, max_pixels: int) -> None:
+    """Refuse bytes that are not a PNG, JPEG or WebP image within ``max_pixels`` (header only)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise LocalFileError(f"{path} is not a PNG, JPEG or WebP image") from error
+    if width * height > max_pixels:
+        raise LocalFileError(
+            f"{path} is {width}x{height} = {width * height} pixels: the limit is {max_pixels} "
+            "(KLEINFARM_REFERENCE_MAX_PIXELS)"
+        )

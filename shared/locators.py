@@ -36,6 +36,8 @@ class Locator:
 
 def parse_locator(text: str) -> Locator:
     """Parse a reference; raise ``ValueError`` naming the problem for anything else."""
+    if any(not char.isprintable() for char in text):
+        raise ValueError(f"reference {redact(text)!r} holds a control character")
     scheme, separator, rest = text.partition(SCHEME_SEPARATOR)
     if not separator:
         if not text.strip():
@@ -49,6 +51,12 @@ def parse_locator(text: str) -> Locator:
             raise ValueError(f"reference {redact(text)!r} must be s3://bucket/key")
         return Locator(LocatorKind.S3, text, bucket, key)
     if scheme == "https":
+        try:
+            host = urlsplit(text).hostname
+        except ValueError:
+            host = None
+        if not host:
+            raise ValueError(f"reference {redact(text)!r} is not a valid https:// URL")
         return Locator(LocatorKind.HTTPS, text)
     raise ValueError(
         f"reference {redact(text)!r} has scheme {scheme!r}: only s3://, https:// and local paths are supported"
@@ -61,7 +69,10 @@ def redact(url: str) -> str:
     is part of the name)."""
     if not has_scheme(url):
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unbalanced brackets: nothing of it can be shown safely
+        return f"{url.partition(SCHEME_SEPARATOR)[0]}://(unparsable)"
     netloc = parts.netloc.rpartition("@")[2]
     if parts.scheme not in ("http", "https"):
         return url.replace(parts.netloc, netloc, 1)

@@ -39,11 +39,16 @@ class Schedule(BaseModel):
     @field_validator("source", "output")
     @classmethod
     def _s3_prefix(cls, value: str) -> str:
-        bucket, prefix = split_s3_url(value)
-        if not value.startswith("s3://") or not bucket:
+        if not value.startswith("s3://") or not split_s3_url(value)[0]:
             raise ValueError(f"{value!r} must be an s3://bucket/prefix")
-        if prefix.strip("/"):
-            check_output_prefix(prefix.strip("/"), field="prefix")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_prefix(cls, value: str) -> str:
+        prefix = split_s3_url(value)[1].strip("/")
+        if prefix:  # it becomes the start of every image's key
+            check_output_prefix(prefix, field="output prefix")
         return value
 
     @field_validator("references")

@@ -41,7 +41,7 @@ class FarmSettings(BaseSettings):
 
     reference_max_bytes: int = 50 * 1024 * 1024
     reference_max_pixels: int = 40_000_000
-    # Buckets s3:// references may name, comma-separated; empty = the farm's own bucket only.
+    # Buckets s3:// references may name besides the farm's own, comma-separated.
     reference_buckets: str = ""
     # Hosts or networks (names, addresses, CIDRs; comma-separated) that https:// references may
     # reach although they are loopback, private, link-local or reserved; empty = none.
@@ -91,7 +91,7 @@ class FarmSettings(BaseSettings):
     @property
     def allowed_reference_buckets(self) -> frozenset[str]:
         named = {bucket.strip() for bucket in self.reference_buckets.split(",") if bucket.strip()}
-        return frozenset(named or {self.s3_bucket})
+        return frozenset(named | {self.s3_bucket})  # the client uploads local references there
 
     @property
     def allowed_reference_hosts(self) -> tuple[str, ...]:

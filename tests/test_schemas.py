@@ -56,7 +56,7 @@ def test_a_url_scheme_other_than_s3_https_or_local_is_refused() -> None:
 
 def test_a_missing_local_reference_is_refused_at_submit(tmp_path: Path) -> None:
     campaign = Campaign.from_raw("c", [{"prompt": "p", "references": [str(tmp_path / "nope.png")]}])
-    uploader = ReferenceUploader(Storage(client=None, bucket="farm"), "refs", max_bytes=1000)
+    uploader = ReferenceUploader(Storage(client=None, bucket="farm"), "refs", max_bytes=1000, max_pixels=10**6)
     with pytest.raises(JobSpecError, match=r"jobs\[0\]\.references\[0\]: .*nope.png does not exist"):
         uploader.upload(local_references(campaign_references(campaign)))  # checked before storage is reached
 

@@ -3,6 +3,7 @@ did not write, leak a credential from a reference URL, or put markup on an opera
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from kleinfarm.producer.client import FarmClient, prepare_jobs
 from kleinfarm.producer.localfarm.services import free_port, wait_until
 from kleinfarm.shared.broker import make_celery
+from kleinfarm.shared.errors import JobSpecError
 from kleinfarm.shared.jobs import MAX_PRIORITY, Campaign, describe_validation_error
 from kleinfarm.shared.locators import redact
 from kleinfarm.shared.settings import FarmSettings
@@ -153,3 +155,40 @@ def test_the_farm_talks_to_redis_over_tls_and_refuses_a_server_it_cannot_verify(
     unverified = f"rediss://:farm-secret@127.0.0.1:{port}/0"  # the system's CAs do not know this server
     with pytest.raises(redis.exceptions.ConnectionError):
         FarmClient(FarmSettings(redis_url=unverified)).state.redis.ping()
+
+
+@pytest.mark.parametrize(
+    "reference", ["https://[::1/x.png", "https://a]b/x.png", "https:///no-host.png", "s3://b/k\x1b]8;;x"]
+)
+def test_a_reference_that_cannot_be_parsed_or_holds_control_characters_is_refused_at_submit(reference: str) -> None:
+    with pytest.raises(ValidationError):
+        Campaign.from_raw("bad-ref", [{"prompt": "p", "references": [reference]}])
+    assert redact("https://[::1/x.png") == "https://(unparsable)"  # never raises
+
+
+def test_a_local_file_that_is_not_an_image_is_never_uploaded(client: FarmClient, tmp_path: Path) -> None:
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    with pytest.raises(JobSpecError, match=r"jobs\[0\]\.references\[0\]: .* is not a PNG, JPEG or WebP image"):
+        client.submit(Campaign.from_raw("exfiltrate", [{"prompt": "p", "references": [str(secret)]}]))
+
+
+def test_an_object_planted_under_a_photos_hash_is_replaced_by_the_real_bytes(
+    client: FarmClient, storage: Storage
+) -> None:
+    photo = Path(__file__).parent.parent / "examples" / "refs" / "logo.png"
+    data = photo.read_bytes()
+    key = f"{client.settings.reference_upload_prefix}/{hashlib.sha256(data).hexdigest()}.png"
+    storage.put(key, b"poisoned", "image/png")
+    client.upload_references([("jobs[0].references[0]", str(photo))])
+    assert storage.get(key) == data
+
+
+def test_the_farms_own_bucket_is_always_allowed_and_a_changed_campaign_is_checked_again(
+    client: FarmClient,
+) -> None:
+    assert FarmSettings(s3_bucket="farm", reference_buckets="photos").allowed_reference_buckets == {"farm", "photos"}
+    campaign = Campaign.from_raw("changed", [{"prompt": "p"}])
+    campaign.output_prefix = "../escape"
+    with pytest.raises(JobSpecError, match="output_prefix"):
+        client.submit(campaign)
