@@ -151,7 +151,7 @@ class Registry:
             return False  # its campaign's records are gone: nothing to give back
         if current != JobState.RUNNING:
             return self.state.move(
-                job_id, move, JobState.PENDING, if_worker=worker_id, if_attempt=attempt, release=worker_id
+                job_id, move, JobState.PENDING, if_worker=worker_id, if_attempt=attempt, release=worker_id or None
             ).changed
         lost = int(lost_before or 0) + 1
         if lost >= MAX_ATTEMPTS:
@@ -163,7 +163,7 @@ class Registry:
                 if_worker=worker_id,
                 if_attempt=attempt,
                 fields={"error": message, "lost": str(lost)},
-                release=worker_id,
+                release=worker_id or None,
             )
         else:
             outcome = self.state.move(
@@ -173,6 +173,6 @@ class Registry:
                 if_worker=worker_id,
                 if_attempt=attempt,
                 fields={"lost": str(lost)},
-                release=worker_id,
+                release=worker_id or None,
             )
         return outcome.changed

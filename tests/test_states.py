@@ -77,3 +77,46 @@ def test_every_redis_key_is_built_in_keys_py_and_documented() -> None:
         name for name in names if f"`{name}" not in schema and name not in ("job_id", "campaign_of", "local_id_of")
     ]
     assert undocumented == []
+
+
+def test_a_backoff_waits_in_the_delayed_set_by_the_redis_clock_then_keeps_its_place(scratch_farm: FarmClient) -> None:
+    state = scratch_farm.state
+    handle = scratch_farm.submit(Campaign.from_raw("backoff", [{"prompt": "a"}, {"prompt": "b"}]))
+    first, second = state.job_ids(handle.id)
+    score = state.redis.zscore(keys.PENDING, first)
+    state.assign(first, "w1", 1.0)
+    state.move(first, Move.CLAIM, JobState.RUNNING, if_attempt=1, if_worker="w1")
+    assert state.active_job_ids() == [first]
+    before = state.server_time()
+    outcome = state.move(first, Move.BACKOFF, JobState.PENDING, if_attempt=1, if_worker="w1", delay_s=30, release="w1")
+    assert outcome.changed and state.active_job_ids() == []
+    assert state.redis.zrange(keys.PENDING, 0, -1) == [second]  # not queued yet
+    ready_at = state.redis.zscore(keys.DELAYED, first)
+    assert ready_at is not None and before + 30 <= ready_at <= state.server_time() + 30
+    assert state.redis.zcard(keys.worker_assigned("w1")) == 0  # its slot freed in the same step
+    assert state.status(handle.id).pending == 2 and state.status(handle.id).running == 0
+    assert state.promote_ready() == 0  # 30 s to go
+
+    state.redis.zadd(keys.DELAYED, {first: before - 1})  # as if the 30 s had passed
+    assert state.promote_ready() == 1
+    assert state.redis.zscore(keys.PENDING, first) == score  # back in its own place in the queue
+    assert state.redis.zcard(keys.DELAYED) == 0
+
+
+def test_a_job_whose_backoff_ends_while_its_campaign_is_paused_or_cancelled_is_not_dispatched(
+    scratch_farm: FarmClient,
+) -> None:
+    state = scratch_farm.state
+    paused = scratch_farm.submit(Campaign.from_raw("paused", [{"prompt": "a"}]))
+    cancelled = scratch_farm.submit(Campaign.from_raw("cancelled", [{"prompt": "b"}]))
+    waiting = [state.job_ids(paused.id)[0], state.job_ids(cancelled.id)[0]]
+    for job_id in waiting:
+        state.assign(job_id, "w1", 1.0)
+        state.move(job_id, Move.CLAIM, JobState.RUNNING, if_attempt=1, if_worker="w1")
+        state.move(job_id, Move.BACKOFF, JobState.PENDING, if_attempt=1, delay_s=0)
+    paused.pause()
+    assert state.request_cancel(cancelled.id) == 1
+    assert state.redis.zrange(keys.DELAYED, 0, -1) == [waiting[0]]  # cancel took its job out
+    assert state.promote_ready() == 1
+    assert state.redis.zcard(keys.PENDING) == 0
+    assert state.redis.zrange(keys.campaign_paused(paused.id), 0, -1) == [waiting[0]]

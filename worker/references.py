@@ -1,11 +1,19 @@
-"""Reference images: fetched from S3 or HTTPS (never a local path), checked, and cached by content hash."""
+"""Reference images: fetched from S3 or HTTPS (never a local path), checked, and cached by content hash.
+
+The disk cache keeps only bytes that passed the checks, within a byte budget
+(``KLEINFARM_REFERENCE_CACHE_MB``), evicting the least recently used first.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +33,12 @@ from kleinfarm.shared.storage import Storage
 from kleinfarm.worker.https_fetch import HttpsPolicy, fetch_https
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
+# Pillow's parsers tried, and nothing else: JPEG's also opens the MPO files phone cameras write (a
+# JPEG with extra frames), which Pillow names "MPO" and which are read as their first frame.
+PARSERS = ("PNG", "JPEG", "WEBP")
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+# What a small file costs on disk, at least: an index entry is charged this, so entries are bounded too.
+DISK_BLOCK_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -36,8 +50,86 @@ class Reference:
     image: Image.Image
 
 
+class ReferenceCache:
+    """Checked reference bytes on disk by content digest, plus an index from an S3 object version
+    (bucket, key, ETag) to its digest; at most ``budget_bytes``, least recently used evicted first.
+
+    Recency is a file's modification time, touched on every hit, so workers sharing the folder
+    share one order and one budget; each writes a temporary file and renames it into place.
+    """
+
+    def __init__(self, folder: Path, budget_bytes: int) -> None:
+        self.folder = folder
+        self.index = folder / "s3"
+        self.budget_bytes = budget_bytes
+        self.index.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def index_name(bucket: str, key: str, etag: str) -> str:
+        return hashlib.sha256(f"{bucket}/{key}@{etag}".encode()).hexdigest()
+
+    def lookup(self, name: str) -> bytes | None:
+        """The bytes an index entry names, if both are still here (and now the most recent)."""
+        entry = self.index / name
+        try:
+            path = self.folder / entry.read_text().strip()
+            data = path.read_bytes()
+        except (OSError, ValueError):
+            return None
+        for used in (entry, path):
+            _touch(used)
+        return data
+
+    def store(self, digest: str, data: bytes, name: str | None) -> None:
+        """Keep ``data`` (already checked) under its digest, and ``name`` -> digest; then evict."""
+        if len(data) + DISK_BLOCK_BYTES > self.budget_bytes:
+            return  # it alone would break the budget
+        path = self.folder / digest
+        if not path.exists():
+            self._write(path, data)
+        _touch(path)
+        if name is not None:
+            self._write(self.index / name, digest.encode())
+            _touch(self.index / name)
+        self.evict()
+
+    def evict(self) -> int:
+        """Delete least recently used files until the folder is within budget; return bytes freed."""
+        entries = sorted(self._entries())
+        total = sum(cost for _, cost, _ in entries)
+        freed = 0
+        for _, cost, path in entries:
+            if total - freed <= self.budget_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):  # another worker evicted it first
+                path.unlink()
+            freed += cost
+        return freed
+
+    def used_bytes(self) -> int:
+        return sum(cost for _, cost, _ in self._entries())
+
+    def _entries(self) -> list[tuple[int, int, Path]]:
+        """(last use, disk cost, path) of every cached file; another worker's temporary file is not one."""
+        found = []
+        for folder in (self.folder, self.index):
+            for entry in os.scandir(folder):
+                if entry.name.startswith(".") or not entry.is_file():
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    stat = entry.stat()
+                    found.append((stat.st_mtime_ns, max(stat.st_size, DISK_BLOCK_BYTES), Path(entry.path)))
+        return found
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+            tmp.write(data)
+        Path(tmp.name).replace(path)
+
+
 class ReferenceFetcher:
-    """Fetches and checks references; keeps their bytes on local disk by content hash."""
+    """Fetches and checks references; keeps checked S3 references on local disk by content hash."""
 
     def __init__(self, storage: Storage, settings: FarmSettings) -> None:
         self.storage = storage
@@ -45,14 +137,14 @@ class ReferenceFetcher:
         self.max_pixels = settings.reference_max_pixels
         self.allowed_buckets = settings.allowed_reference_buckets
         self.https_policy = HttpsPolicy.from_settings(settings)
-        self.cache_dir = settings.cache_dir / "references"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = ReferenceCache(settings.cache_dir / "references", settings.reference_cache_mb << 20)
 
     def fetch(self, url: str) -> Reference:
-        data = self._read(url)
+        data, remember = self._read(url)
+        image = self.check(url, data)  # before anything is kept: a bad file never reaches the cache
         digest = content_digest(data)
-        self._remember(digest, data)
-        return Reference(url, digest, self.check(url, data))
+        remember(digest, data)
+        return Reference(url, digest, image)
 
     def check(self, url: str, data: bytes) -> Image.Image:
         """Decode ``data`` within the limits; raise a reference error naming the limit broken."""
@@ -60,12 +152,13 @@ class ReferenceFetcher:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(data), formats=PARSERS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise ReferenceTooLargeError(f"reference {url} has too many pixels: {error}") from error
         except (UnidentifiedImageError, OSError) as error:
             raise ReferenceInvalidError(f"reference {url} is not an image (PNG, JPEG or WebP)") from error
-        if image.format not in ALLOWED_FORMATS:
+        kind = "JPEG" if image.format in JPEG_FORMATS else image.format
+        if kind not in ALLOWED_FORMATS:
             raise ReferenceInvalidError(f"reference {url} is {image.format}: only PNG, JPEG and WebP are accepted")
         width, height = image.size
         if width * height > self.max_pixels:
@@ -84,7 +177,8 @@ class ReferenceFetcher:
             raise ReferenceInvalidError(f"reference {url} is truncated or corrupt: {error}") from error
         return image.convert("RGB")
 
-    def _read(self, url: str) -> bytes:
+    def _read(self, url: str) -> tuple[bytes, Callable[[str, bytes], None]]:
+        """The reference's bytes, and what to do with them once they pass the checks."""
         try:
             locator = parse_locator(url)
         except ValueError as error:
@@ -92,7 +186,7 @@ class ReferenceFetcher:
         if locator.kind == LocatorKind.S3:
             return self._read_s3(locator)
         if locator.kind == LocatorKind.HTTPS:
-            return self._read_https(url)
+            return self._read_https(url), _keep_nothing
         # The same words whether or not the path exists: the answer must not probe the worker's disk.
         raise ReferenceRefusedError(
             f"reference {url} is a local path: workers open no path a job names; "
@@ -110,7 +204,7 @@ class ReferenceFetcher:
             "(KLEINFARM_REFERENCE_MAX_BYTES)"
         )
 
-    def _read_s3(self, locator: Locator) -> bytes:
+    def _read_s3(self, locator: Locator) -> tuple[bytes, Callable[[str, bytes], None]]:
         """Skip the download when the object's ETag says we already hold its bytes."""
         url, bucket, key = locator.text, locator.bucket, locator.key
         if bucket not in self.allowed_buckets:  # before any request: the answer must not probe other buckets
@@ -118,25 +212,24 @@ class ReferenceFetcher:
                 f"reference {url} refused: bucket {bucket} is not one references may be read from; "
                 "allow it with KLEINFARM_REFERENCE_BUCKETS"
             )
-        etag = self.storage.etag(key, bucket=bucket)
-        index = self.cache_dir / "s3" / hashlib.sha256(f"{bucket}/{key}@{etag}".encode()).hexdigest()
-        if index.is_file():
-            cached = self.cache_dir / index.read_text().strip()
-            if cached.is_file():
-                return cached.read_bytes()
+        name = self.cache.index_name(bucket, key, self.storage.etag(key, bucket=bucket))
+        cached = self.cache.lookup(name)
+        if cached is not None:
+            return cached, _keep_nothing
         data = self._limit(url, self.storage.get(key, bucket=bucket, max_bytes=self.max_bytes))
-        index.parent.mkdir(parents=True, exist_ok=True)
-        index.write_text(content_digest(data))
-        return data
+        return data, lambda digest, checked: self.cache.store(digest, checked, name)
 
     def _read_https(self, url: str) -> bytes:
+        # Not cached: nothing names a web object's version, so its bytes could not be found again.
         return fetch_https(url, self.https_policy)
 
-    def _remember(self, digest: str, data: bytes) -> None:
-        """Write once by content; workers sharing the folder each write their own temporary file."""
-        path = self.cache_dir / digest
-        if path.exists():
-            return
-        with tempfile.NamedTemporaryFile(dir=self.cache_dir, prefix=f".{digest}.", delete=False) as tmp:
-            tmp.write(data)
-        Path(tmp.name).replace(path)
+
+def _touch(path: Path) -> None:
+    """Mark ``path`` used now, to the nanosecond (a file system's own stamps are coarser)."""
+    now = time.time_ns()
+    with contextlib.suppress(OSError):  # evicted meanwhile by another worker
+        os.utime(path, ns=(now, now))
+
+
+def _keep_nothing(digest: str, data: bytes) -> None:
+    """Bytes read from the cache, or from a source the cache cannot look up again."""

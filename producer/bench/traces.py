@@ -74,7 +74,8 @@ MIXED_CAMPAIGNS = 14
 MIXED_BULK_JOBS = 5000
 MIXED_BULK_AT_S = 4500.0  # the nightly bulk edit, submitted whole
 MIXED_IDLE_GAPS = ((1500.0, 2200.0), (3400.0, 3900.0), (6500.0, 7000.0))  # nobody submits anything
-MIXED_INTERACTIVE_RATE = 0.4  # single edits per second, while anyone is working
+MIXED_SESSION_RATE = 0.12  # people starting to edit an image, per second, while anyone is working
+MIXED_THINK_S = (10.0, 60.0)  # between one try and the next
 MIXED_GENERATE_RATE = 0.2
 
 
@@ -95,9 +96,13 @@ def _busy_times(rng: random.Random, rate: float) -> list[float]:
     """Poisson arrival times over the two hours, none inside an idle gap."""
     times, clock = [], 0.0
     while (clock := clock + rng.expovariate(rate)) < MIXED_HOURS_S:
-        if not any(start <= clock < end for start, end in MIXED_IDLE_GAPS):
+        if not _idle(clock):
             times.append(round(clock, 3))
     return times
+
+
+def _idle(clock: float) -> bool:
+    return any(start <= clock < end for start, end in MIXED_IDLE_GAPS)
 
 
 def _campaigns(rng: random.Random, shared: list[str]) -> list[dict[str, Any]]:
@@ -131,16 +136,16 @@ def _bulk_edit(rng: random.Random) -> list[dict[str, Any]]:
 
 
 def _interactive(rng: random.Random, shared: list[str]) -> list[dict[str, Any]]:
-    """People editing one image at a time: a few tries on their own upload, or a shared kit."""
+    """People editing one image at a time: a few tries on their own upload or a shared kit, each
+    try after looking at the last one."""
     rows: list[dict[str, Any]] = []
-    times = _busy_times(rng, MIXED_INTERACTIVE_RATE)
-    session, left = "", 0
-    for clock in times:
-        if not left:  # a new person, or a new upload: their set, tried 1 to 6 times
-            session = rng.choice(shared) if rng.random() < 0.3 else f"u{len(rows)}"
-            left = rng.randint(1, 6)
-        rows.append(_job(rng, session, clock))
-        left -= 1
+    for session, start in enumerate(_busy_times(rng, MIXED_SESSION_RATE)):
+        refset = rng.choice(shared) if rng.random() < 0.3 else f"u{session}"
+        clock = start
+        for _ in range(rng.randint(1, 6)):
+            if clock < MIXED_HOURS_S and not _idle(clock):
+                rows.append(_job(rng, refset, round(clock, 3)))
+            clock += rng.uniform(*MIXED_THINK_S)
     return rows
 
 

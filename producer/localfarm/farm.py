@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +25,29 @@ from kleinfarm.shared.storage import Storage
 
 console = Console(stderr=True)
 WORKER_START_TIMEOUT_S = 120.0
+# A worker that dies is restarted, unless workers died this many times within the window: then
+# something is wrong beyond one crash, and the farm stops with a pointer to the logs.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+
+class RestartBudget:
+    """At most ``limit`` restarts within any ``window_s`` seconds."""
+
+    def __init__(self, limit: int = MAX_RESTARTS, window_s: float = RESTART_WINDOW_S) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def take(self, now: float | None = None) -> bool:
+        """Spend one restart; False if the window's restarts are all spent."""
+        now = time.monotonic() if now is None else now
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.limit:
+            return False
+        self._times.append(now)
+        return True
 
 
 def tiny_model_folder(settings: FarmSettings) -> Path:
@@ -51,6 +75,7 @@ class LocalFarm:
         self.services: list[ChildService] = []
         self.workers: list[subprocess.Popen[bytes]] = []
         self.log_dir = Path(".kleinfarm-local").resolve()
+        self.restarts = RestartBudget()
 
     def __enter__(self) -> LocalFarm:
         try:
@@ -88,15 +113,16 @@ class LocalFarm:
         lines = [f"KLEINFARM_{key}={value}" for key, value in overrides.items()]
         self.env_file.write_text("\n".join(lines) + "\n")
 
+    def _start_worker(self, index: int) -> subprocess.Popen[bytes]:
+        """Start worker ``index``, appending to its log (a restarted worker's log follows its crash)."""
+        with (self.log_dir / f"worker-{index}.log").open("ab") as log:
+            return subprocess.Popen(
+                worker_command(self.env_file), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
     def _start_workers(self) -> None:
         self.log_dir.mkdir(exist_ok=True)
-        for index in range(self.worker_count):
-            log = (self.log_dir / f"worker-{index}.log").open("wb")
-            self.workers.append(
-                subprocess.Popen(
-                    worker_command(self.env_file), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            )
+        self.workers = [self._start_worker(index) for index in range(self.worker_count)]
         registry = Registry(FarmClient(self.settings).state, self.settings.worker_lapse_s)
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         with console.status(f"starting {self.worker_count} worker(s) (logs in {self.log_dir})"):
@@ -108,19 +134,34 @@ class LocalFarm:
                 time.sleep(0.2)
 
     def serve_until_interrupted(self) -> None:
-        """Run until Ctrl-C or SIGTERM; a worker that dies stops the farm with a pointer to its log."""
+        """Run until Ctrl-C or SIGTERM, restarting a worker that dies (its jobs go back to the queue
+        when its heartbeat lapses); workers dying too often stop the farm with a pointer to the logs."""
         console.print("Ctrl-C stops the farm.")
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             while True:
-                for index, worker in enumerate(self.workers):
-                    try:
-                        worker.wait(timeout=1.0 / max(len(self.workers), 1))
-                    except subprocess.TimeoutExpired:
-                        continue
-                    raise ConfigError(f"worker {index} exited ({worker.returncode}): see {self.log_dir}")
+                for index in range(len(self.workers)):
+                    self.supervise(index, wait_s=1.0 / max(len(self.workers), 1))
         except KeyboardInterrupt:
             console.print("stopping the farm")
+
+    def supervise(self, index: int, wait_s: float) -> None:
+        """Wait up to ``wait_s`` on worker ``index``; restart it if it has died."""
+        worker = self.workers[index]
+        try:
+            worker.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return
+        log = self.log_dir / f"worker-{index}.log"
+        if not self.restarts.take():
+            raise ConfigError(
+                f"worker {index} exited ({worker.returncode}); workers died {self.restarts.limit} times within "
+                f"{self.restarts.window_s:.0f} s, so the farm stops: see {log}"
+            )
+        self.workers[index] = self._start_worker(index)
+        console.print(
+            f"worker {index} exited ({worker.returncode}): restarted it as pid {self.workers[index].pid} (log: {log})"
+        )
 
     def stop(self) -> None:
         for worker in self.workers:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -20,12 +22,37 @@ from types import TracebackType
 from kleinfarm.shared.errors import ConfigError
 
 START_TIMEOUT_S = 30.0
+# A free port can be taken by another process between the probe and the server's bind: the
+# server then exits (or another answers on the port), and the start is tried again on a new port.
+START_ATTEMPTS = 5
+TCP_LISTEN = "0A"
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on TCP ``port`` (Linux ``/proc``; elsewhere
+    True, so the readiness check alone decides)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return not os.path.isdir("/proc")
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{descriptor}") in inodes:
+                return True
+    return False
 
 
 def wait_until(
@@ -59,12 +86,31 @@ class ChildService:
         raise NotImplementedError
 
     def start(self) -> ChildService:
-        log = (self.workdir / f"{self.name}.log").open("wb")
-        self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
-        )
-        wait_until(self.ready, self.name, self.process)
-        return self
+        """Start the server; if it dies while starting (its port taken meanwhile), on a new port."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            with (self.workdir / f"{self.name}.log").open("ab") as log:
+                self.process = subprocess.Popen(
+                    self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+                )
+            try:
+                wait_until(self._serving, self.name, self.process)
+                return self
+            except ConfigError:
+                self._kill()
+                if attempt == START_ATTEMPTS:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _serving(self) -> bool:
+        """Ready, on a port this very process listens on (not another server that took it)."""
+        assert self.process is not None
+        return listens_on(self.process.pid, self.port) and self.ready()
+
+    def _kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

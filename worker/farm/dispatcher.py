@@ -5,6 +5,12 @@ too) and *applied* here. Every worker process runs a dispatcher thread; a Redis 
 leader at a time, so any number may run and the farm keeps dispatching when the leader dies. Each
 worker holds at most ``worker_slots`` jobs (one running, one waiting), so no job waits behind a
 busy or dead worker.
+
+The leader also keeps the farm from getting stuck: each tick it queues the jobs whose backoff is
+over (``keys.DELAYED``), and every few ticks its reconciler (``reconciler.py``) gives back the jobs
+the record gives to a worker that does not hold them. A round that raises anything is logged and
+the next tick tries again: a dead dispatcher thread would stop the farm while heartbeats say all
+is well.
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.registry import Registry, WorkerView
 from kleinfarm.shared.routing import AffinityPolicy, PendingIndex, PendingJob, Policy, Round, WorkerState
 from kleinfarm.shared.state import FarmState
+from kleinfarm.shared.states import Move
+from kleinfarm.worker.farm.reconciler import Reconciler, task_id
 
 log = logging.getLogger(__name__)
 WINDOW_JOBS = 2048  # how deep into the pending queue one dispatch round looks
+# A reconciler pass every this many ticks: two passes must be several heartbeats apart (the tick is
+# the heartbeat period), so a job claimed a moment ago has been reported before it is judged.
+RECONCILE_TICKS = 4
 PROMPT_SHOWN_CHARS = 200
 
 
@@ -41,6 +52,7 @@ class Dispatcher:
         self.policy = policy or AffinityPolicy()
         self.stopping = threading.Event()
         self.control = CampaignControl(state)
+        self.reconciler = Reconciler(state, registry, interval_s=RECONCILE_TICKS * tick_s)
         self._lock = state.redis.lock(keys.DISPATCHER_LOCK, timeout=max(3 * tick_s, 5.0))
         self._leading = False
 
@@ -51,6 +63,7 @@ class Dispatcher:
             except RedisError:
                 log.exception("dispatcher lost Redis; retrying")
                 self._leading = False
+                self.reconciler.forget()
                 self.stopping.wait(self.tick_s)
             except Exception:  # a dead dispatcher thread stops the farm while heartbeats say all is well
                 log.exception("dispatch round failed; retrying")
@@ -70,6 +83,8 @@ class Dispatcher:
         for worker_id in self.registry.lapsed_workers():
             requeued = self.registry.retire(worker_id, reason=f"heartbeat of {worker_id} lapsed")
             log.warning("worker %s lapsed: %d job(s) requeued", worker_id, requeued)
+        self.state.promote_ready()
+        self.reconciler.maybe_run()
         self.dispatch()
         # Block on the wake list, not a timer: submissions and finished jobs push to it.
         self.state.redis.blpop([keys.WAKE], timeout=self.tick_s)
@@ -82,6 +97,7 @@ class Dispatcher:
                 return True
             except LockError:
                 self._leading = False
+                self.reconciler.forget()
                 return False
         if self._lock.acquire(blocking=False):
             self._leading = True
@@ -101,9 +117,18 @@ class Dispatcher:
             view = views[decision.worker.worker_id]
             attempt = self.state.assign(decision.job.job_id, view.worker_id, decision.cost_s)
             if attempt:
-                self.publish(decision.job.job_id, attempt, view)
+                self._publish_or_give_back(decision.job.job_id, attempt, view)
                 dispatched += 1
         return dispatched
+
+    def _publish_or_give_back(self, job_id: str, attempt: int, worker: WorkerView) -> None:
+        """Publish the job's task; if the broker refuses, the job goes back before the error ends the round."""
+        try:
+            self.publish(job_id, attempt, worker)
+        except Exception:
+            reason = "its task could not be sent"
+            self.registry.give_back(job_id, worker.worker_id, reason, Move.RECOVER, attempt)
+            raise
 
     def _round(self, job_ids: list[str], views: dict[str, WorkerView]) -> Round:
         """The policy's whole input: the queue's head, the workers, who holds what, who is kept off what."""
@@ -142,7 +167,7 @@ class Dispatcher:
                 "references": len(record.references),
             },
             queue=worker.queue,
-            task_id=f"{job_id.replace('/', '.')}.{attempt}",
+            task_id=task_id(job_id, attempt),
         )
 
     def _reissue_unclaimed(self) -> None:
