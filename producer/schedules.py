@@ -217,7 +217,7 @@ def _campaign(name: str, schedule: Schedule, todo: dict[str, str]) -> Campaign:
     return Campaign.from_raw(
         f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
         jobs,
-        output_prefix=split_s3_url(schedule.output)[1].strip("/"),
+        output_prefix=split_s3_url(schedule.output)[1].strip("/") or None,  # none: the farm's prefix
         priority=schedule.priority,
         defaults={"width": schedule.width, "height": schedule.height},
     )

@@ -80,10 +80,13 @@ def is_unavailable(error: ClientError | BotoCoreError) -> bool:
 
 
 def _describe(error: ClientError | BotoCoreError) -> str:
+    """The store's code, status and message, on one line (botocore's own texts may span several)."""
     if isinstance(error, ClientError):
         message = error.response.get("Error", {}).get("Message") or ""
-        return f"{_error_code(error)} ({_http_status(error)}) {message}".strip()
-    return str(error)
+        text = f"{_error_code(error)} ({_http_status(error)}) {message}"
+    else:
+        text = str(error)
+    return " ".join(text.split())
 
 
 def header_safe_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -237,9 +240,10 @@ class Storage:
             return str(self.client.head_object(Bucket=bucket, Key=key)["ETag"])
 
     def metadata(self, key: str) -> dict[str, str]:
-        """The object's user metadata (names lowercased, as S3 returns them)."""
+        """The object's user metadata, names lowercased (MinIO keeps the case it was sent with)."""
         with self._classified("reading", self.bucket, key):
-            return dict(self.client.head_object(Bucket=self.bucket, Key=key).get("Metadata", {}))
+            found = self.client.head_object(Bucket=self.bucket, Key=key).get("Metadata", {})
+        return {str(name).lower(): str(value) for name, value in found.items()}
 
     def exists(self, key: str) -> bool:
         try:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from conftest import WorkerPool
 
@@ -75,6 +79,50 @@ def test_a_bad_campaign_file_exits_2_with_the_field_named(farm_env: dict[str, st
     assert submitted.returncode == 2
     assert "jobs[0].width: width=100 is out of range: it must be between 256 and 2048" in submitted.stderr
     assert "jobs[1].refs: unknown field" in submitted.stderr
+
+
+@pytest.fixture()
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connections to it are refused while the test runs."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {expected}"), line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["status", "x"], ["results", "x"], ["cancel", "x"], ["retry", "x", "--failed"], ["workers"], ["schedule", "list"]],
+)
+def test_every_command_with_redis_unreachable_prints_one_line_naming_it(closed_port: int, args: list[str]) -> None:
+    url = f"redis://127.0.0.1:{closed_port}/0"
+    result = run(args, {"KLEINFARM_REDIS_URL": f"redis://:hunter2@127.0.0.1:{closed_port}/0"}, timeout=60)
+    assert_one_error_line(result, f"cannot reach Redis at {url} (KLEINFARM_REDIS_URL): Connection refused")
+    assert "hunter2" not in result.stderr
+
+
+def test_submit_with_redis_unreachable_prints_one_line_naming_it(closed_port: int, tmp_path: Path) -> None:
+    campaign = tmp_path / "c.yaml"
+    campaign.write_text("name: c\njobs:\n  - prompt: a mug\n")
+    result = run(["submit", str(campaign)], {"KLEINFARM_REDIS_URL": f"redis://127.0.0.1:{closed_port}/0"}, timeout=60)
+    assert_one_error_line(result, f"cannot reach Redis at redis://127.0.0.1:{closed_port}/0")
+
+
+def test_submit_with_s3_unreachable_prints_one_line_naming_it(closed_port: int) -> None:
+    env = {
+        "KLEINFARM_S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port}",
+        "KLEINFARM_S3_ACCESS_KEY_ID": "key",
+        "KLEINFARM_S3_SECRET_ACCESS_KEY": "secret",
+        "KLEINFARM_REDIS_URL": f"redis://127.0.0.1:{closed_port}/0",
+    }
+    result = run(["submit", "examples/bulk-edit.jsonl"], env, timeout=120)  # its local files upload first
+    assert_one_error_line(result, f"cannot reach S3 at http://127.0.0.1:{closed_port} (KLEINFARM_S3_ENDPOINT_URL)")
 
 
 def test_render_writes_one_image_without_a_queue(tiny_model: Path, tmp_path: Path) -> None:

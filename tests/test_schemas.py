@@ -133,3 +133,33 @@ def test_the_example_schedule_validates_and_a_bad_cron_is_refused() -> None:
     assert Schedule.model_validate(document).cron == "0 2 * * *"
     with pytest.raises(ValidationError, match="must have 5 fields"):
         Schedule.model_validate({**document, "cron": "every night"})
+
+
+def test_the_campaign_schema_refuses_more_jobs_than_the_cap_naming_it() -> None:
+    from kleinfarm.shared.jobs import MAX_JOBS_PER_CAMPAIGN
+
+    text = error_text([{"prompt": "p"}] * (MAX_JOBS_PER_CAMPAIGN + 1))
+    assert text == (
+        f"jobs: {MAX_JOBS_PER_CAMPAIGN + 1} jobs, over the limit of {MAX_JOBS_PER_CAMPAIGN} per campaign "
+        "(MAX_JOBS_PER_CAMPAIGN): split them into several campaigns"
+    )
+    assert len(Campaign.from_raw("c", [{"prompt": "p"}] * MAX_JOBS_PER_CAMPAIGN).jobs) == MAX_JOBS_PER_CAMPAIGN
+
+
+def test_a_yaml_campaign_over_the_cap_is_refused_before_its_jobs_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kleinfarm.shared.jobs.MAX_JOBS_PER_CAMPAIGN", 3)  # parsing 100,001 YAML jobs takes 25 s
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\njobs: [{prompt: a}, {prompt: b}, {prompt: c}, {width: 1}]\n")
+    with pytest.raises(CampaignFileError, match=r"c.yaml: 4 jobs, over the limit of 3 per campaign"):
+        load_campaign(path)
+
+
+def test_a_schedule_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    from kleinfarm.producer.campaign_files import load_schedule
+
+    path = tmp_path / "nightly.yaml"
+    path.write_bytes(b"name: nightly\nprompt: caf\xe9\n")
+    with pytest.raises(CampaignFileError, match=r"nightly.yaml: not UTF-8 text: byte 0xe9 at offset 25"):
+        load_schedule(path)

@@ -192,3 +192,11 @@ def test_the_farms_own_bucket_is_always_allowed_and_a_changed_campaign_is_checke
     campaign.output_prefix = "../escape"
     with pytest.raises(JobSpecError, match="output_prefix"):
         client.submit(campaign)
+
+
+def test_terminal_escape_sequences_in_data_are_shown_not_obeyed() -> None:
+    from kleinfarm.producer.cli.common import shown
+
+    hostile = "key\x1b]8;;https://evil.example\x1b\\link\u202eevil"
+    assert shown(hostile) == "key\\u001b]8;;https://evil.example\\u001b\\link\\u202eevil"
+    assert shown("plain [/] text") == "plain [/] text"

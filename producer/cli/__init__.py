@@ -15,7 +15,7 @@ import redis.exceptions
 from rich.markup import escape
 
 from kleinfarm.producer.cli import bench, campaigns, farm, schedules, tools
-from kleinfarm.producer.cli.common import app, console, redis_unreachable
+from kleinfarm.producer.cli.common import app, console, redis_unreachable, shown
 from kleinfarm.shared.errors import KleinfarmError
 
 __all__ = ["app", "bench", "campaigns", "farm", "main", "schedules", "tools"]
@@ -37,5 +37,5 @@ def main() -> None:
 
 def fail(message: str) -> NoReturn:
     # soft_wrap: rich would otherwise break a long line at the terminal's (or 80) columns.
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(shown(message))}", highlight=False, emoji=False, soft_wrap=True)
     sys.exit(2)

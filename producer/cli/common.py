@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -84,14 +85,24 @@ def _reason(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: control and bidi characters (escape sequences, hyperlinks,
+    reordering) shown as their code points."""
+    return "".join(char if _printable(char) else f"\\u{ord(char):04x}" for char in text)
+
+
+def _printable(char: str) -> bool:
+    return char.isprintable() and unicodedata.category(char) != "Cf"
+
+
 def say(message: str) -> None:
     """A line for people, on stderr, printed as plain text: data in it is never read as markup."""
-    console.print(message, markup=False, highlight=False)
+    console.print(shown(message), markup=False, highlight=False, emoji=False)
 
 
 def print_table(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
     """Rows as a table on stdout; cells are plain text (a key or an error may hold ``[/]``)."""
     table = Table(*columns)
     for row in rows:
-        table.add_row(*(Text("" if row[column] is None else str(row[column])) for column in columns))
+        table.add_row(*(Text(shown("" if row[column] is None else str(row[column]))) for column in columns))
     Console().print(table)
