@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from kleinfarm.producer.client import FarmClient
+from kleinfarm.shared import keys
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.registry import Registry, WorkerView
 from kleinfarm.shared.storage import Storage
@@ -109,7 +110,9 @@ def test_a_worker_killed_mid_campaign_leaves_every_job_done_exactly_once(
     assert any(int(str(line["attempt"])) > 1 for line in rows.values())  # the victim's job was run again
 
 
-def test_a_restarted_worker_is_not_credited_with_its_old_cache(client: FarmClient, workers: WorkerPool) -> None:
+def test_a_restarted_worker_is_retired_at_once_by_its_identity_and_not_credited_with_its_old_cache(
+    client: FarmClient, workers: WorkerPool
+) -> None:
     (first,) = workers.start(name="phoenix")
     registry = Registry(client.state, lapse_s=3)
     old = next(view for view in registry.live_workers() if view.identity == "phoenix")
@@ -119,8 +122,15 @@ def test_a_restarted_worker_is_not_credited_with_its_old_cache(client: FarmClien
 
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    workers.start(name="phoenix")
-    current = [view for view in registry.live_workers() if view.identity == "phoenix"]
-    assert [view.worker_id for view in current] != [old.worker_id] and len(current) == 1
-    assert current[0].routes == set()  # nothing of the old process's cache is believed
-    assert not client.state.redis.exists(f"kf:worker:{old.worker_id}")
+    # The old entry stays fresh, as if its process were only slow: its lapse cannot retire it, only
+    # the new process registering under the same identity can.
+    client.state.redis.zadd(keys.WORKERS, {old.worker_id: client.state.server_time() + 120})
+    try:
+        workers.start(name="phoenix")
+        current = [view for view in registry.live_workers() if view.identity == "phoenix"]
+        assert [view.worker_id for view in current] != [old.worker_id] and len(current) == 1
+        assert current[0].routes == set()  # nothing of the old process's cache is believed
+        assert not client.state.redis.exists(keys.worker(old.worker_id))
+        assert client.state.redis.zscore(keys.WORKERS, old.worker_id) is None
+    finally:
+        registry.retire(old.worker_id, reason="test cleanup")  # a no-op once it was retired

@@ -15,6 +15,7 @@ from kleinfarm.producer.client import FarmClient
 from kleinfarm.shared import keys
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.registry import Registry, WorkerView
+from kleinfarm.shared.states import JobState
 from kleinfarm.shared.storage import Storage
 
 from conftest import TEST_PIXEL_LIMIT, WorkerPool
@@ -161,20 +162,40 @@ def test_a_pickled_message_is_refused_and_never_runs(client: FarmClient, workers
     assert handle.wait(progress=False, timeout=WAIT_S).succeeded == 1
 
 
-def test_cancel_drops_queued_jobs_and_the_farm_goes_on(
+def test_a_cancel_mid_render_stops_the_job_at_its_next_step_with_nothing_written_and_the_farm_goes_on(
     client: FarmClient, storage: Storage, workers: WorkerPool
 ) -> None:
-    big = [{"prompt": f"job {i}", "width": 1024, "height": 1024} for i in range(30)]
-    handle = client.submit(Campaign.from_raw("to-cancel", big))
+    steps = 50
+    jobs = [{"prompt": f"job {i}", "width": 1024, "height": 1024, "steps": steps} for i in range(8)]
+    handle = client.submit(Campaign.from_raw("to-cancel", jobs))
+
+    def mid_render() -> bool:
+        return any(
+            job.state == JobState.RUNNING and job.progress and 0 < int(job.progress.split("/")[0]) < steps
+            for job in client.state.jobs(handle.id)
+        )
+
+    deadline = time.monotonic() + WAIT_S
+    while not mid_render():
+        assert time.monotonic() < deadline, "no job of the campaign started rendering"
+        time.sleep(0.05)
     dropped = handle.cancel()
     status = handle.wait(progress=False, timeout=WAIT_S)
-    assert dropped > 0 and status.done and status.cancelled >= dropped
-    assert status.succeeded + status.cancelled == 30 and status.failed == 0
-    assert status.cancelled >= 30 - 2 * len(workers.alive())  # each worker held at most two jobs
+    assert dropped > 0 and status.done and status.failed == 0
+    assert status.succeeded + status.cancelled == len(jobs)
+    records = list(client.state.jobs(handle.id))
+    stopped = [job for job in records if job.error and "stopped at step" in job.error]
+    assert stopped, [job.error for job in records]
+    for job in stopped:
+        done, total = job.error.rsplit("stopped at step ", 1)[1].rstrip(")").split(" of ")  # type: ignore[union-attr]
+        assert job.state == JobState.CANCELLED and 0 < int(done) < int(total) == steps
+    for job in records:
+        if job.state == JobState.CANCELLED:
+            assert job.key is None and not storage.exists(f"kleinfarm/{handle.id}/{job.local_id}.png")
     queued = client.state.redis.zrange(keys.PENDING, 0, -1)
     assert not [job_id for job_id in queued if str(job_id).startswith(handle.id)]
     manifest = storage.get(f"kleinfarm/{handle.id}/manifest.jsonl").decode().splitlines()
-    assert len(manifest) == 30
+    assert len(manifest) == len(jobs)
 
     after = client.submit(Campaign.from_raw("after-cancel", [{"prompt": "p", "width": 256, "height": 256}]))
     assert after.wait(progress=False, timeout=WAIT_S).succeeded == 1

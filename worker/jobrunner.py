@@ -75,7 +75,7 @@ def classify(error: BaseException) -> Fault:
     """Whose fault ``error`` is; a transient cause anywhere in its chain makes it transient."""
     cause: BaseException | None = error
     while cause is not None:
-        if isinstance(cause, TransientError | TRANSIENT_LIBRARY_ERRORS):
+        if isinstance(cause, (TransientError, *TRANSIENT_LIBRARY_ERRORS)):
             return Fault.TRANSIENT
         cause = cause.__cause__
     return Fault.JOB if isinstance(error, KleinfarmError) else Fault.WORKER

@@ -33,6 +33,7 @@ from kleinfarm.shared.routing.policy import Decision, PendingJob, Policy, Round,
 
 LOAD_CAP = 1.25
 SPREAD_SLACK = 2.0
+STEAL_X = float(__import__("os").environ.get("STEAL", "1"))
 
 
 @dataclass(frozen=True)
@@ -94,24 +95,52 @@ def choose_route(
     if not pending:
         return None
     top = pending.top_priority
+    window = [route for route in pending.window() if pending.head_priority(route) == top]
     held = [route for route in worker.holds if route in pending and pending.head_priority(route) == top]
+    if HELD == "window":
+        inwin = set(window)
+        held = [r for r in held if r in inwin]
+    elif HELD == "small":
+        inwin = set(window)
+        held = [r for r in held if r in inwin or len(pending.queues[r]) <= SMALL]
     if held:
         # Ties by name: a set's iteration order changes with PYTHONHASHSEED, and results must not.
         return Take(max(held, key=lambda route: (pending.backlog_ms[route], route)))
-    window = [route for route in pending.window() if pending.head_priority(route) == top]
     wanted = {
         route: desired
         for route in window
         if route is not None and holders.get(route, 0) < (desired := _desired(pending, route, fair_ms, workers))
     }
-    owned = [route for route in wanted if owners is None or owners.rank(route, worker.identity) < wanted[route]]
-    if owned:
-        return Take(owned[0])
-    if None in window:
-        return Take(None)
-    if wanted:
-        return Take(next(iter(wanted)))
+    if OVERDUE and window and window[0] is not None and window[0] not in wanted:
+        wanted = {window[0]: holders.get(window[0], 0) + 1, **wanted}
+    candidates = [*wanted, *([None] if None in window else [])]
+    if candidates:
+        return Take(min(candidates, key=lambda route: _rank(route, pending, wanted, worker, owners)))
     return _worth_stealing(window, pending, holders)
+
+
+MODE = __import__("os").environ.get("MODE", "v1")
+HELD = __import__("os").environ.get("HELD", "all")
+HORIZON = bool(__import__("os").environ.get("HORIZON"))
+OVERDUE = bool(__import__("os").environ.get("OVERDUE"))
+SMALL = int(__import__("os").environ.get("SMALL", "4"))
+
+
+def _rank(route: str | None, pending: PendingIndex, wanted: Mapping[str, int], worker: WorkerState, owners: Owners | None) -> tuple[int, int, int]:
+    head = pending.queues[route][0]
+    cost = head.work_ms + (head.build_ms if route is not None else 0)
+    arrival = pending.arrival(head)
+    if route is None:
+        owned = 1
+    else:
+        owned = 0 if owners is None or owners.rank(route, worker.identity) < wanted[route] else 1
+    if MODE == "v1":
+        return (owned, cost, arrival)
+    if MODE == "v2":
+        return (cost, owned, arrival)
+    if MODE == "old":  # owned, then None, then window order
+        return (owned, 0 if route is None else 1, arrival if route is not None else 0)
+    return (owned, arrival, 0)
 
 
 def _desired(pending: PendingIndex, route: str, fair_ms: float, workers: int) -> int:
@@ -121,6 +150,9 @@ def _desired(pending: PendingIndex, route: str, fair_ms: float, workers: int) ->
     bound one pending job would call for several holders and be built afresh by a free worker
     while its holder is a second from done.
     """
+    if HORIZON:
+        behind = max(pending.total_ms - pending.ahead_ms(route), 0)
+        fair_ms = max(fair_ms - behind / max(workers, 1), 1.0)
     return desired_holders(pending.backlog_ms[route], fair_ms, min(workers, len(pending.queues[route])))
 
 
@@ -131,7 +163,7 @@ def _worth_stealing(window: list[str | None], pending: PendingIndex, holders: Ma
         if route is None:
             continue
         head = pending.queues[route][0]
-        gain = pending.backlog_ms[route] / max(holders.get(route, 0), 1) - (head.build_ms + head.work_ms)
+        gain = pending.backlog_ms[route] / max(holders.get(route, 0), 1) - STEAL_X * (head.build_ms + head.work_ms)
         if gain > 0 and (best is None or gain > best[0]):
             best = (gain, route)
     return Take(best[1]) if best else None
