@@ -1,0 +1,38 @@
+"""The jobs this worker process is running now, as its heartbeat reports them.
+
+The reconciler trusts this over the farm's record: a job the record gives to a live worker that
+does not report it (its final move or its release was lost while Redis was unreachable) goes back
+to the queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class HeldJobs:
+    """A thread-safe set of job ids: the task thread adds and removes, the heartbeat reads."""
+
+    def __init__(self) -> None:
+        self._jobs: set[str] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def holding(self, job_id: str) -> Iterator[None]:
+        with self._lock:
+            self._jobs.add(job_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._jobs.discard(job_id)
+
+    def snapshot(self) -> list[str]:
+        with self._lock:
+            return sorted(self._jobs)
+
+
+# One per process: the solo pool runs one task at a time, and the heartbeat thread reports it.
+HELD = HeldJobs()
