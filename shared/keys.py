@@ -74,12 +74,13 @@ def campaign_events(campaign_id: str) -> str:
 
 def campaign_blocked(campaign_id: str) -> str:
     """set of worker identities kept off the campaign (the blocklist). Written by a worker whose
-    own errors failed too many of its jobs; read by the dispatcher. Lives for ever."""
+    own errors failed too many of its jobs; read by the dispatcher; deleted by ``retry --failed``."""
     return f"{campaign(campaign_id)}:blocked"
 
 
 def campaign_worker_failures(campaign_id: str) -> str:
-    """hash worker identity -> failures it caused in the campaign. Written by workers."""
+    """hash worker identity -> failures it caused in the campaign (not bad input, not transient
+    faults). Written by workers; deleted by ``retry --failed``."""
     return f"{campaign(campaign_id)}:worker-failures"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kleinfarm.shared import keys
 from kleinfarm.shared.records import WorkerReport
@@ -149,30 +150,11 @@ class Registry:
         current, lost_before = fields
         if current is None:
             return False  # its campaign's records are gone: nothing to give back
+        only_if: dict[str, Any] = {"if_worker": worker_id, "if_attempt": attempt, "release": worker_id or None}
         if current != JobState.RUNNING:
-            return self.state.move(
-                job_id, move, JobState.PENDING, if_worker=worker_id, if_attempt=attempt, release=worker_id or None
-            ).changed
+            return self.state.move(job_id, move, JobState.PENDING, **only_if).changed
         lost = int(lost_before or 0) + 1
         if lost >= MAX_ATTEMPTS:
-            message = f"worker lost {lost} times while rendering this job (last: {reason})"
-            outcome = self.state.move(
-                job_id,
-                Move.ABANDON,
-                JobState.FAILED,
-                if_worker=worker_id,
-                if_attempt=attempt,
-                fields={"error": message, "lost": str(lost)},
-                release=worker_id or None,
-            )
-        else:
-            outcome = self.state.move(
-                job_id,
-                move,
-                JobState.PENDING,
-                if_worker=worker_id,
-                if_attempt=attempt,
-                fields={"lost": str(lost)},
-                release=worker_id or None,
-            )
-        return outcome.changed
+            failed = {"error": f"worker lost {lost} times while rendering this job (last: {reason})", "lost": str(lost)}
+            return self.state.move(job_id, Move.ABANDON, JobState.FAILED, fields=failed, **only_if).changed
+        return self.state.move(job_id, move, JobState.PENDING, fields={"lost": str(lost)}, **only_if).changed
