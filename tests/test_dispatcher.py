@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 
 import pytest
+from pydantic import SecretStr
 
 from kleinfarm.producer.bench.proxy import CuttableProxy
 from kleinfarm.producer.client import FarmClient
-from kleinfarm.producer.localfarm.services import RedisServer
+from kleinfarm.producer.localfarm.services import RedisServer, S3Server
 from kleinfarm.shared import keys
 from kleinfarm.shared.broker import make_celery
 from kleinfarm.shared.control import BLOCKLIST_THRESHOLD, CampaignControl
@@ -217,3 +218,45 @@ def test_retry_failed_lifts_the_block_its_failures_built_through_the_dispatcher(
     assert not state.redis.exists(keys.campaign_worker_failures(handle.id))
     assert dispatcher.dispatch() == 1  # the only worker, kept off before, takes the retried job
     assert state.job(job_id).worker == "w1"
+
+
+def test_a_new_leader_reissues_what_its_predecessor_assigned_and_the_old_message_is_then_skipped(
+    scratch_farm: FarmClient,
+) -> None:
+    registry = Registry(scratch_farm.state, lapse_s=60)
+    register(registry, "w1", "host-gpu0")
+    handle = scratch_farm.submit(Campaign.from_raw("handover", [{"prompt": "p"}]))
+    first = Dispatcher(make_celery(scratch_farm.settings), scratch_farm.state, registry, tick_s=1.0)
+    assert first.dispatch() == 1
+    (job_id,) = scratch_farm.state.job_ids(handle.id)
+    # The old leader died; the next one leads and re-sends under a new attempt.
+    scratch_farm.state.redis.delete(keys.DISPATCHER_LOCK)
+    second = Dispatcher(make_celery(scratch_farm.settings), scratch_farm.state, registry, tick_s=1.0)
+    assert second._lead()
+    assert scratch_farm.state.job(job_id).attempt == 2
+    assert scratch_farm.state.redis.llen(keys.worker_queue("w1")) == 2  # the old message and the new one
+    stale = scratch_farm.state.move(job_id, Move.CLAIM, JobState.RUNNING, if_attempt=1, if_worker="w1")
+    fresh = scratch_farm.state.move(job_id, Move.CLAIM, JobState.RUNNING, if_attempt=2, if_worker="w1")
+    assert not stale.changed and fresh.changed
+
+
+def test_wait_writes_the_manifest_of_a_campaign_whose_last_worker_died_before_writing_it(
+    scratch_farm: FarmClient, s3_server: S3Server
+) -> None:
+    settings = scratch_farm.settings.model_copy(
+        update={
+            "s3_endpoint_url": s3_server.url,
+            "s3_access_key_id": SecretStr(s3_server.access_key),
+            "s3_secret_access_key": SecretStr(s3_server.secret_key),
+            "s3_bucket": "orphans",
+        }
+    )
+    client = FarmClient(settings)
+    client.storage.ensure_bucket()
+    handle = client.submit(Campaign.from_raw("orphan", [{"prompt": "p"}]))
+    (job_id,) = client.state.job_ids(handle.id)
+    client.state.move(job_id, Move.CANCEL, JobState.CANCELLED)  # ended, and nobody wrote the manifest
+    assert handle.status().manifest_key is None
+    client.state.redis.hincrbyfloat(keys.campaign(handle.id), "changed_at", -3600)  # an hour ago
+    status = handle.wait(progress=False, timeout=30)
+    assert status.done and client.storage.exists(f"kleinfarm/{handle.id}/manifest.jsonl")
