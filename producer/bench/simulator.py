@@ -129,7 +129,7 @@ class PushWorker:
 def simulate_push(jobs: list[TraceJob], workers: int, budget: int, policy: Policy) -> Outcome:
     """Each job placed by ``policy`` when it arrives, in a one-job round over every worker.
 
-    A worker's ``queued_s`` is the time until its queue frees, negative for a worker idle that
+    A worker's ``queued_ms`` is the time until its queue frees, negative for a worker idle that
     long, so least-loaded picks the worker whose queue frees (or freed) first. Its
     ``queued_jobs`` are its jobs in flight: ``commit`` counts a job in, and one heap of finish
     times (cheaper than a look at every worker's queue per arrival) counts it out.

@@ -5,10 +5,12 @@ worker holds at that moment. For a free worker, in order:
 
 1. a pending job whose reference set it holds (or has been handed already): no K/V to build;
 2. a reference set that fewer workers hold than its backlog needs, so a hot set spreads over
-   ``ceil(backlog / fair share)`` workers and is built only that many times; among those, the
-   worker's own rendezvous-hash order, so free workers pick different sets deterministically;
+   ``ceil(backlog / (2 x fair share))`` workers (never more than it has jobs) and is built only
+   that many times; among those, the worker's own rendezvous-hash order, so free workers pick
+   different sets deterministically;
 3. a job without references (they fill the gaps: any worker serves them equally well);
-4. a job of a set held elsewhere, only if its holders' backlog outlasts building it here.
+4. a set whose holders' backlog per holder outlasts building it here ``STEAL_RATIO`` times over:
+   the last resort of a worker that would otherwise idle.
 
 Load is counted in whole milliseconds of work (``costmodel.py``), and a worker whose queued work
 exceeds ``cap`` times the mean takes nothing more until the others catch up (bounded load); the
@@ -16,8 +18,14 @@ least-loaded free worker of a round is never held back, so the cap can slow the 
 
 A worker kept off some campaigns chooses among the jobs it may take, so a blocked campaign at
 the head of the queue neither wastes its slot nor stalls the round. Holders are counted per job:
-a holder kept off a job's campaign does not count as one for it, so another worker builds the set
-rather than wait for a holder that will never take the job.
+a holder kept off a job's campaign does not count as one for it, so the set is "wanted" (rule 2)
+and another worker builds it, rather than every free worker waiting for a holder that will never
+take the job.
+
+No job starves (``docs/routing.md``): a pending job of the top priority is either of a set with a
+holder that may take it (which takes it when next free and under the cap, and the cap always lets
+the least-loaded free worker through, and drains as work finishes), or of a set that is wanted or
+without references, which any free worker takes once it reaches the window.
 """
 
 from __future__ import annotations
@@ -33,7 +41,12 @@ from kleinfarm.shared.routing.policy import Decision, PendingJob, Policy, Round,
 
 LOAD_CAP = 1.25
 SPREAD_SLACK = 2.0
-STEAL_X = float(__import__("os").environ.get("STEAL", "1"))
+# A worker with nothing better builds a set held elsewhere only when the holders' backlog per holder
+# is this many times the job's cost here. At 1 (what it was), on a quiet farm of 64 every idle
+# worker built every campaign's hot sets for seconds of latency; but under a lasting overload the
+# spread rule covers about half the farm (``SPREAD_SLACK``) and these steals keep the rest busy: at
+# 24 and more, a 64-worker Zipf farm left workers idle behind a growing backlog (``docs/routing.md``).
+STEAL_RATIO = 16.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,7 @@ class Owners:
 
 
 def desired_holders(backlog: float, fair: float, workers: int) -> int:
-    """How many workers a reference set's backlog should spread over (any one unit of time).
+    """How many workers a reference set's backlog should spread over (both in one unit of time).
 
     A set spreads only once its backlog passes ``SPREAD_SLACK`` fair shares: a worker busy with
     one set while others finish is cheaper than building the set again elsewhere, until then.
@@ -89,91 +102,62 @@ def choose_route(
 ) -> Take | None:
     """Where ``worker`` should take its next job from; None when it should wait.
 
-    ``holders`` counts, per route, the workers holding it or already handed a job of it (that
-    may take its next job). ``fair_ms`` is a worker's fair share of the farm's work.
+    ``holders`` counts, per route, the workers holding it or already handed a job of it that may
+    take its next job. ``fair_ms`` is a worker's fair share of the farm's work.
     """
     if not pending:
         return None
     top = pending.top_priority
-    window = [route for route in pending.window() if pending.head_priority(route) == top]
     held = [route for route in worker.holds if route in pending and pending.head_priority(route) == top]
-    if HELD == "window":
-        inwin = set(window)
-        held = [r for r in held if r in inwin]
-    elif HELD == "small":
-        inwin = set(window)
-        held = [r for r in held if r in inwin or len(pending.queues[r]) <= SMALL]
     if held:
         # Ties by name: a set's iteration order changes with PYTHONHASHSEED, and results must not.
         return Take(max(held, key=lambda route: (pending.backlog_ms[route], route)))
+    window = [route for route in pending.window() if pending.head_priority(route) == top]
     wanted = {
         route: desired
         for route in window
         if route is not None and holders.get(route, 0) < (desired := _desired(pending, route, fair_ms, workers))
     }
-    if OVERDUE and window and window[0] is not None and window[0] not in wanted:
-        wanted = {window[0]: holders.get(window[0], 0) + 1, **wanted}
-    candidates = [*wanted, *([None] if None in window else [])]
-    if candidates:
-        return Take(min(candidates, key=lambda route: _rank(route, pending, wanted, worker, owners)))
-    return _worth_stealing(window, pending, holders)
-
-
-MODE = __import__("os").environ.get("MODE", "v1")
-HELD = __import__("os").environ.get("HELD", "all")
-HORIZON = bool(__import__("os").environ.get("HORIZON"))
-OVERDUE = bool(__import__("os").environ.get("OVERDUE"))
-SMALL = int(__import__("os").environ.get("SMALL", "4"))
-
-
-def _rank(route: str | None, pending: PendingIndex, wanted: Mapping[str, int], worker: WorkerState, owners: Owners | None) -> tuple[int, int, int]:
-    head = pending.queues[route][0]
-    cost = head.work_ms + (head.build_ms if route is not None else 0)
-    arrival = pending.arrival(head)
-    if route is None:
-        owned = 1
-    else:
-        owned = 0 if owners is None or owners.rank(route, worker.identity) < wanted[route] else 1
-    if MODE == "v1":
-        return (owned, cost, arrival)
-    if MODE == "v2":
-        return (cost, owned, arrival)
-    if MODE == "old":  # owned, then None, then window order
-        return (owned, 0 if route is None else 1, arrival if route is not None else 0)
-    return (owned, arrival, 0)
+    owned = [route for route in wanted if owners is None or owners.rank(route, worker.identity) < wanted[route]]
+    if owned:
+        return Take(owned[0])
+    if None in window:
+        return Take(None)
+    if wanted:
+        return Take(next(iter(wanted)))
+    return last_resort(window, pending, holders)
 
 
 def _desired(pending: PendingIndex, route: str, fair_ms: float, workers: int) -> int:
     """Holders ``route`` should have: never more than its pending jobs, as a job cannot be split.
 
     On a quiet farm the fair share is tiny and any backlog is "many fair shares": without this
-    bound one pending job would call for several holders and be built afresh by a free worker
-    while its holder is a second from done.
+    bound one pending job would call for several holders, and a free worker would build the set
+    afresh while its holder is a second from done.
     """
-    if HORIZON:
-        behind = max(pending.total_ms - pending.ahead_ms(route), 0)
-        fair_ms = max(fair_ms - behind / max(workers, 1), 1.0)
     return desired_holders(pending.backlog_ms[route], fair_ms, min(workers, len(pending.queues[route])))
 
 
-def _worth_stealing(window: list[str | None], pending: PendingIndex, holders: Mapping[str, int]) -> Take | None:
-    """A set whose holders would take longer to clear it than this worker takes to build it."""
+def last_resort(window: list[str | None], pending: PendingIndex, holders: Mapping[str, int]) -> Take | None:
+    """For a worker that would otherwise idle: the set whose holders are most swamped, if their
+    backlog per holder outlasts building it here ``STEAL_RATIO`` times over."""
     best: tuple[float, str] | None = None
     for route in window:
         if route is None:
             continue
         head = pending.queues[route][0]
-        gain = pending.backlog_ms[route] / max(holders.get(route, 0), 1) - STEAL_X * (head.build_ms + head.work_ms)
+        share = pending.backlog_ms[route] / max(holders.get(route, 0), 1)
+        gain = share - STEAL_RATIO * (head.build_ms + head.work_ms)
         if gain > 0 and (best is None or gain > best[0]):
             best = (gain, route)
     return Take(best[1]) if best else None
 
 
-class _EligibleHolders(Mapping[str, int]):
-    """Holders of each route that may take its next job in ``index``: those kept off its campaign do not count.
+class _Holders(Mapping[str, int]):
+    """Holders of each route that may take its next job in ``index``: not those kept off its campaign.
 
     Without this, a job whose only holder is blocklisted from its campaign waits for ever: the
-    holder never takes it, and every other worker sees the set as held.
+    holder never takes it, and every other worker sees its set as held (and not worth rebuilding).
     """
 
     def __init__(self, round: Round, index: PendingIndex) -> None:
@@ -219,7 +203,7 @@ class _Choices:
 
     def holders(self, index: PendingIndex) -> Mapping[str, int]:
         """The holder counts a worker choosing from ``index`` goes by."""
-        return _EligibleHolders(self.round, index) if self.round.exclusions else self.round.holders
+        return _Holders(self.round, index) if self.round.exclusions else self.round.holders
 
     def take(self, index: PendingIndex, route: str | None) -> PendingJob:
         """The oldest job of ``route`` in ``index``, taken out of the round."""
@@ -271,8 +255,8 @@ class AffinityPolicy(Policy):
             mean_ms, fair_ms = queued / max(size, 1), (pending.total_ms + queued) / max(size, 1)
             free = sorted((w for w in round.workers if w.free_slots > 0), key=lambda w: (w.queued_ms, w.worker_id))
             for position, worker in enumerate(free):
-                # The least-loaded free worker is never over the cap: were every free worker over
-                # it (the mean counts busy workers too), nobody would take anything this round.
+                # The least-loaded free worker is never over the cap: were every free worker over it
+                # (the mean counts busy workers too), nobody would take anything.
                 if not pending or worker.free_slots <= 0 or (position and over_cap(worker, mean_ms)):
                     continue
                 index = choices.for_worker(worker)

@@ -47,10 +47,6 @@ class PendingIndex:
         self._priorities: dict[int, int] = {}
         # Keyed by object identity, not job_id: a copy shares the jobs, and ids need not be unique.
         self._order: dict[int, PendingJob] = {}
-        self._arrivals: dict[int, int] = {}  # the rank of each job in the order added
-        self._added = 0
-        self._stamps: dict[int, int] = {}  # the work added before each job
-        self._added_ms = 0
         for job in jobs:
             self.add(job)
 
@@ -69,20 +65,6 @@ class PendingIndex:
         self.total_ms += job.work_ms
         self._priorities[job.priority] = self._priorities.get(job.priority, 0) + 1
         self._order[id(job)] = job
-        self._arrivals[id(job)] = self._added
-        self._added += 1
-        self._stamps[id(job)] = self._added_ms
-        self._added_ms += job.work_ms
-
-    def ahead_ms(self, route: str | None) -> int:
-        """About the pending work added up to ``route``'s newest job: what a FIFO farm clears first."""
-        newest = self.queues[route][-1]
-        oldest = next(iter(self._order.values()))
-        return self._stamps[id(newest)] + newest.work_ms - self._stamps[id(oldest)]
-
-    def arrival(self, job: PendingJob) -> int:
-        """``job``'s rank in the order jobs were added: the lower, the longer it has waited."""
-        return self._arrivals[id(job)]
 
     def pop(self, route: str | None) -> PendingJob:
         """Take the oldest job of ``route``."""
@@ -111,8 +93,6 @@ class PendingIndex:
         if not self._priorities[job.priority]:
             del self._priorities[job.priority]
         del self._order[id(job)]
-        del self._arrivals[id(job)]
-        del self._stamps[id(job)]
         if not self.queues[job.route]:
             del self.queues[job.route]
             del self.backlog_ms[job.route]
@@ -129,10 +109,6 @@ class PendingIndex:
                     copy.add(job)
         # Routes were added in this index's route order; the arrival order is this index's too.
         copy._order = {key: job for key, job in self._order.items() if key in copy._order}
-        copy._arrivals = {key: self._arrivals[key] for key in copy._order}
-        copy._added = self._added
-        copy._stamps = {key: self._stamps[key] for key in copy._order}
-        copy._added_ms = self._added_ms
         return copy
 
     @property
@@ -143,9 +119,6 @@ class PendingIndex:
         return self.queues[route][0].priority
 
     def window(self) -> Iterator[str | None]:
-        if __import__("os").environ.get("AGEWIN"):
-            import heapq
-            return iter(heapq.nsmallest(WINDOW_ROUTES, self.queues, key=lambda r: self._arrivals[id(self.queues[r][0])]))
         return islice(self.queues, WINDOW_ROUTES)
 
     def jobs(self) -> Iterator[PendingJob]:
