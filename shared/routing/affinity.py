@@ -108,7 +108,7 @@ def choose_route(
     if not pending:
         return None
     top = pending.top_priority
-    held = [route for route in worker.holds if route in pending and pending.head_priority(route) == top]
+    held = held_routes(worker, pending, top)
     if held:
         # Ties by name: a set's iteration order changes with PYTHONHASHSEED, and results must not.
         return Take(max(held, key=lambda route: (pending.backlog_ms[route], route)))
@@ -126,6 +126,22 @@ def choose_route(
     if wanted:
         return Take(next(iter(wanted)))
     return last_resort(window, pending, holders)
+
+
+def held_routes(worker: WorkerState, pending: PendingIndex, top: int) -> list[str]:
+    """The sets ``worker`` holds with a pending job of priority ``top`` next (rule 1's choice).
+
+    Walks the smaller side: a worker holds a few dozen sets, a quiet farm has a few pending.
+    """
+    queues = pending.queues
+    if len(queues) < len(worker.holds):
+        return [route for route, queue in queues.items() if route in worker.holds and queue[0].priority == top]
+    return [route for route in worker.holds if (queue := queues.get(route)) and queue[0].priority == top]
+
+
+def holds_pending(worker: WorkerState, pending: PendingIndex) -> bool:
+    """Whether rule 1 gives ``worker`` a job."""
+    return bool(pending) and bool(held_routes(worker, pending, pending.top_priority))
 
 
 def _desired(pending: PendingIndex, route: str, fair_ms: float, workers: int) -> int:
@@ -254,16 +270,24 @@ class AffinityPolicy(Policy):
             progress = False
             mean_ms, fair_ms = queued / max(size, 1), (pending.total_ms + queued) / max(size, 1)
             free = sorted((w for w in round.workers if w.free_slots > 0), key=lambda w: (w.queued_ms, w.worker_id))
+            # Views in which a worker holding nothing pending found nothing, since the last decision:
+            # past rule 1 the answer does not depend on the worker unless it finds something, so
+            # the others holding nothing pending are not asked again (hundreds of idle workers).
+            idle: set[int] = set()
             for position, worker in enumerate(free):
                 # The least-loaded free worker is never over the cap: were every free worker over it
                 # (the mean counts busy workers too), nobody would take anything.
                 if not pending or worker.free_slots <= 0 or (position and over_cap(worker, mean_ms)):
                     continue
                 index = choices.for_worker(worker)
+                if id(index) in idle and not holds_pending(worker, index):
+                    continue
                 take = choose_route(worker, index, choices.holders(index), size, fair_ms, owners)
                 if take is None:
+                    idle.add(id(index))
                     continue
                 decisions.append(commit(worker, choices.take(index, take.route), round.holders))
                 queued += decisions[-1].cost_ms
                 progress = True
+                idle.clear()
         return decisions
