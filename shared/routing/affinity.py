@@ -9,8 +9,8 @@ worker holds at that moment. For a free worker, in order:
    that many times; among those, the worker's own rendezvous-hash order, so free workers pick
    different sets deterministically;
 3. a job without references (they fill the gaps: any worker serves them equally well);
-4. a set whose holders' backlog per holder outlasts building it here ``STEAL_RATIO`` times over:
-   the last resort of a worker that would otherwise idle.
+4. a set whose holders' backlog per holder outlasts building it here: the last resort of a
+   worker that would otherwise idle.
 
 Load is counted in whole milliseconds of work (``costmodel.py``), and a worker whose queued work
 exceeds ``cap`` times the mean takes nothing more until the others catch up (bounded load); the
@@ -41,12 +41,11 @@ from kleinfarm.shared.routing.policy import Decision, PendingJob, Policy, Round,
 
 LOAD_CAP = 1.25
 SPREAD_SLACK = 2.0
-# A worker with nothing better builds a set held elsewhere only when the holders' backlog per holder
-# is this many times the job's cost here. At 1 (what it was), on a quiet farm of 64 every idle
-# worker built every campaign's hot sets for seconds of latency; but under a lasting overload the
-# spread rule covers about half the farm (``SPREAD_SLACK``) and these steals keep the rest busy: at
-# 24 and more, a 64-worker Zipf farm left workers idle behind a growing backlog (``docs/routing.md``).
-STEAL_RATIO = 16.0
+# A worker with nothing better builds a set held elsewhere when the holders' backlog per holder
+# outlasts building it here this many times over. Not more than once: under a lasting overload the
+# spread rule covers about half the farm (``SPREAD_SLACK``) and these steals keep the rest busy; at
+# 2, 4 and 16 a 512-worker Zipf farm left workers idle behind its backlog (``docs/routing.md``).
+STEAL_RATIO = 1.0
 
 
 @dataclass(frozen=True)
