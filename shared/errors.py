@@ -88,3 +88,7 @@ class JobFailedError(KleinfarmError):
 
 class FarmTimeoutError(KleinfarmError):
     """Waiting for a campaign took longer than the caller allowed."""
+
+
+class JobTooLargeError(KleinfarmError):
+    """A job needs more memory than this worker's card has, even with every cache entry moved off it."""

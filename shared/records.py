@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinfarm.shared import keys
+from kleinfarm.shared.capacity import Capability
 from kleinfarm.shared.locators import redact
 from kleinfarm.shared.states import COUNTED_STATES, JobState
 
@@ -197,6 +198,8 @@ class EngineReport(_Report):
     memory: dict[str, int] = Field(default_factory=dict)
     kv: KVReport = Field(default_factory=KVReport)
     prompts: PromptCacheReport = Field(default_factory=PromptCacheReport)
+    # What jobs fit this worker's card, and its speed (``shared/capacity.py``); None: not known.
+    capability: Capability | None = None
 
 
 class WorkerReport(_Report):

@@ -19,10 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kleinfarm.shared.capacity import gib
+from kleinfarm.shared.errors import JobTooLargeError
 from kleinfarm.shared.jobs import EditJob, GenerateJob
 from kleinfarm.shared.klein import REFERENCE_MAX_AREA, TEXT_TOKENS
 from kleinfarm.shared.records import EngineReport
 from kleinfarm.shared.refset import reference_set_key
+from kleinfarm.worker.engine.admission import Admission, card_limit, is_out_of_memory, model_dims, resident_bytes
 from kleinfarm.worker.engine.kv_cache import Entry, ReferenceKVCache, from_diffusers, to_diffusers
 from kleinfarm.worker.engine.loading import check_supported, place, text_encoder_layers
 from kleinfarm.worker.engine.plan import (
@@ -37,6 +40,7 @@ from kleinfarm.worker.engine.plan import (
 )
 from kleinfarm.worker.engine.profiles import HEADROOM, MemoryProfile, ProfileName, profile_for_card
 from kleinfarm.worker.engine.prompt_cache import PromptCache
+from kleinfarm.worker.engine.prompt_encoder import PromptEncoder
 from kleinfarm.worker.engine.results import ImageResult, LatentResult
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,16 @@ class _Step:
 class RenderEngine:
     """Renders generate and edit jobs on one pipeline, on one device, with caches across jobs."""
 
-    def __init__(self, pipeline: Any, model: str, device: str, budgets: CacheBudgets, profile: str = "custom") -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        model: str,
+        device: str,
+        budgets: CacheBudgets,
+        profile: str = "custom",
+        card_bytes: int | None = None,
+        streaming_bytes: int = 0,
+    ) -> None:
         self.pipeline = pipeline
         self.model = model
         self.device = torch.device(device)
@@ -94,6 +107,11 @@ class RenderEngine:
         self.profile = profile
         self.kv_cache = ReferenceKVCache(self.device, budgets.kv_device, budgets.kv_host)
         self.prompt_cache = PromptCache(budgets.prompts)
+        self.prompts = PromptEncoder(self._encode_prompt, self.prompt_cache, self.device)
+        # A streamed text encoder holds two of its units on the card while it runs (beside a render).
+        resident = resident_bytes((pipeline.transformer, pipeline.vae, pipeline.text_encoder), self.device)
+        resident += streaming_bytes
+        self.admission = Admission(model_dims(pipeline), card_limit(self.device, card_bytes), resident)
 
     @classmethod
     def load(
@@ -102,23 +120,26 @@ class RenderEngine:
         device: str | None = None,
         budgets: CacheBudgets | None = None,
         profile: ProfileName = "auto",
+        card_bytes: int | None = None,
     ) -> RenderEngine:
         """``from_pretrained`` of a Hub id or a local folder, laid out by the card's memory profile.
 
         The pipeline class comes from the checkpoint: a KV checkpoint reuses reference K/V across
         jobs; any other klein checkpoint (e.g. the Apache-2.0 4B) recomputes references every step.
+        ``card_bytes`` is what the worker may use of its card (default: the allocator's cap on CUDA,
+        no limit on CPU); the profile, the cache budgets and each job's admission follow from it.
         """
         from diffusers import DiffusionPipeline
 
         device = pick_device(device)
         card = torch.device(device)
-        card_bytes = torch.cuda.get_device_properties(card).total_memory if card.type == "cuda" else None
-        layout = profile_for_card(profile, card_bytes, physical_memory())
+        card_bytes = card_limit(card, card_bytes)
+        layout = profile_for_card(profile, card_bytes if card.type == "cuda" else None, physical_memory())
         dtype = torch.float32 if card.type == "cpu" else torch.bfloat16
         started = time.perf_counter()
         pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         check_supported(pipeline, model)
-        place(pipeline, layout, card)
+        streaming_bytes = place(pipeline, layout, card)
         pipeline.set_progress_bar_config(disable=True)
         log.info(
             "loaded %s on %s (%s, profile %s) in %.1f s",
@@ -128,7 +149,8 @@ class RenderEngine:
             layout.name,
             time.perf_counter() - started,
         )
-        return cls(pipeline, model, device, budgets or CacheBudgets.from_profile(layout, card), layout.name)
+        budgets = budgets or CacheBudgets.from_profile(layout, card)
+        return cls(pipeline, model, device, budgets, layout.name, card_bytes, streaming_bytes)
 
     @property
     def kv_reuse(self) -> bool:
@@ -138,16 +160,52 @@ class RenderEngine:
     def render(
         self, job: GenerateJob | EditJob, references: References, on_step: StepCallback | None = None
     ) -> ImageResult:
-        """Render one job; ``references`` are (content digest, image); ``on_step`` may raise to stop."""
+        """Render one job; ``references`` are (content digest, image); ``on_step`` may raise to stop.
+
+        Out of memory once, the engine frees what it holds on the card and runs the job again; twice,
+        the job fails with what it needed (``JobTooLargeError``: the job's fault, the worker goes on).
+        """
         if job.seed is None:
             raise ValueError("a job reaches the engine with its seed drawn at submit time")
+        try:
+            return self._render_once(job, references, on_step)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            log.warning("out of memory rendering %s: caches emptied, trying once more", job.prompt[:40])
+        self.free_memory()
+        try:
+            return self._render_once(job, references, on_step)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            self.free_memory()
+            shape = self.admission.shape(job.width, job.height, [image for _, image in references])
+            limit = self.admission.job_bytes
+            raise JobTooLargeError(
+                f"{shape.describe()} ran out of memory twice, the second time with every cache moved off the card"
+                + (f" ({gib(limit)} for a job beside the weights)" if limit is not None else "")
+            ) from error
+
+    def _render_once(
+        self, job: GenerateJob | EditJob, references: References, on_step: StepCallback | None
+    ) -> ImageResult:
+        assert job.seed is not None
         result = self.render_latents(job.prompt, job.seed, job.width, job.height, job.steps, references, on_step)
         started = time.perf_counter()
         with torch.inference_mode():
             decoded = self.pipeline.vae.decode(result.latents, return_dict=False)[0]
             image = self.pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
         timings = {**result.timings, "decode_s": _lap(started)}
-        return ImageResult(image, timings, result.refset, result.kv)
+        return ImageResult(image, timings, result.refset, result.kv, result.prompt)
+
+    def free_memory(self) -> None:
+        """Move every cached K/V off the card and drop the prompt embeddings (after running out)."""
+        self.kv_cache.free_device()
+        self.prompts.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def render_latents(
@@ -169,11 +227,17 @@ class RenderEngine:
         pipe, timings = self.pipeline, {}
         mode = mode or default_mode(self.kv_reuse)
         started = time.perf_counter()
+
+        # 0. Room on the card: entries this job does not use move to host memory until it fits.
+        key = reference_set_key(self.model, [digest for digest, _ in references]) if references else None
+        shape = self.admission.shape(width, height, [image for _, image in references])
+        self.admission.make_room(shape, self.kv_cache, key if mode == "reuse" else None)
         # A CPU generator makes the noise, hence the image, the same on every device.
         generator = torch.Generator("cpu").manual_seed(seed)
 
         # 1. Prompt embeddings, from the cache when this prompt was seen.
-        embeddings = self._prompt_embeddings(prompt).repeat(batch_size, 1, 1)
+        embeddings, prompt_source = self.prompts.get(prompt)
+        embeddings = embeddings.repeat(batch_size, 1, 1)
         text_ids = pipe._prepare_text_ids(embeddings).to(self.device)
         timings["prompt_s"] = _lap(started)
 
@@ -208,7 +272,7 @@ class RenderEngine:
         # 6. Unpack to VAE latents.
         latents = self._to_vae_latents(latents, latent_ids)
         timings["total_s"] = _lap(started)
-        return LatentResult(latents, timings, refs.key, refs.source)
+        return LatentResult(latents, timings, refs.key, refs.source, prompt_source)
 
     def _references(
         self, references: References, batch_size: int, generator: torch.Generator, mode: ReferenceMode
@@ -282,19 +346,19 @@ class RenderEngine:
             self.kv_cache.put(refs.keep_as, from_diffusers(refs.kv))
         return noise  # type: ignore[no-any-return]
 
-    def _prompt_embeddings(self, prompt: str) -> torch.Tensor:
-        key = (self.model, prompt, str(TEXT_TOKENS), ",".join(map(str, self.text_layers)))
-        cached = self.prompt_cache.get(key)
-        if cached is not None:
-            return cached
+    def encode_ahead(self, prompts: list[str]) -> int:
+        """Encode the prompts of jobs this worker holds while the current one renders."""
+        return self.prompts.ahead(prompts)
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
         embeddings: torch.Tensor
-        embeddings, _ = self.pipeline.encode_prompt(
-            prompt=prompt,
-            device=self.device,
-            max_sequence_length=TEXT_TOKENS,
-            text_encoder_out_layers=self.text_layers,
-        )
-        self.prompt_cache.put(key, embeddings)
+        with torch.inference_mode():
+            embeddings, _ = self.pipeline.encode_prompt(
+                prompt=prompt,
+                device=self.device,
+                max_sequence_length=TEXT_TOKENS,
+                text_encoder_out_layers=self.text_layers,
+            )
         return embeddings
 
     def _timesteps(self, image_seq_len: int, steps: int) -> torch.Tensor:
@@ -344,7 +408,11 @@ class RenderEngine:
     def report(self) -> EngineReport:
         """What the engine holds, for the worker registry and metrics."""
         return EngineReport(
-            profile=self.profile, memory=self.memory(), kv=self.kv_cache.report(), prompts=self.prompt_cache.report()
+            profile=self.profile,
+            memory=self.memory(),
+            kv=self.kv_cache.report(),
+            prompts=self.prompt_cache.report(),
+            capability=self.admission.capability(),
         )
 
 

@@ -28,21 +28,26 @@ class Entry:
     double: Layers
     single: Layers
     num_ref_tokens: int
+    # On CUDA, the event that ends the copy that made this entry (a demotion on the copy stream).
+    ready: Any = None
 
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in (*self.double, *self.single))
 
-    def to(self, device: torch.device, pin: bool = False) -> Entry:
-        def move(tensor: torch.Tensor) -> torch.Tensor:
-            moved = tensor.to(device, non_blocking=True)
-            return moved.pin_memory() if pin and not moved.is_pinned() else moved
-
+    def map(self, move: Any) -> Entry:
+        """The entry with ``move`` applied to every tensor."""
         return Entry(
             [(move(k), move(v)) for k, v in self.double],
             [(move(k), move(v)) for k, v in self.single],
             self.num_ref_tokens,
         )
+
+    def to(self, device: torch.device) -> Entry:
+        """A copy on ``device``, ordered after the copy that made this one (if it is still running)."""
+        if self.ready is not None and device.type == "cuda":
+            torch.cuda.current_stream(device).wait_event(self.ready)
+        return self.map(lambda tensor: tensor.to(device, non_blocking=True))
 
 
 @dataclass
@@ -74,9 +79,18 @@ class Tier:
 
 
 def from_diffusers(kv_cache: Any) -> Entry:
-    """Take the K/V out of a ``Flux2KVCache`` built in extract mode (first batch row only)."""
-    double = [(c.k_ref[:1].clone(), c.v_ref[:1].clone()) for c in kv_cache.double_block_caches]
-    single = [(c.k_ref[:1].clone(), c.v_ref[:1].clone()) for c in kv_cache.single_block_caches]
+    """Take the K/V out of a ``Flux2KVCache`` built in extract mode (first batch row only).
+
+    At batch 1 the tensors are taken as they are: diffusers stores its own copies and the job drops
+    its cache object, so a second copy would only double the set's bytes at the job's peak (8 GiB
+    for four 1024 px references, what ran a 24 GB card out of memory).
+    """
+
+    def first_row(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.shape[0] == 1 else tensor[:1].clone()
+
+    double = [(first_row(c.k_ref), first_row(c.v_ref)) for c in kv_cache.double_block_caches]
+    single = [(first_row(c.k_ref), first_row(c.v_ref)) for c in kv_cache.single_block_caches]
     return Entry(double, single, int(kv_cache.num_ref_tokens))
 
 
@@ -100,6 +114,7 @@ class ReferenceKVCache:
         self.device_tier = Tier("device", device, device_budget)
         self.host_tier = Tier("host", torch.device("cpu"), host_budget)
         self.pin = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.pin else None  # type: ignore[no-untyped-call]
         self.stats = CacheStats()
 
     def get(self, key: str) -> tuple[Entry | None, Lookup]:
@@ -123,6 +138,25 @@ class ReferenceKVCache:
     def put(self, key: str, entry: Entry) -> None:
         self._admit(key, entry.to(self.device_tier.device))
 
+    def device_bytes_except(self, key: str | None) -> int:
+        """Bytes the device tier holds besides ``key``'s entry."""
+        return sum(nbytes for held, nbytes in self.device_tier.holdings().items() if held != key)
+
+    def demote_oldest(self, keep: str | None = None) -> bool:
+        """Move the least recently used device entry other than ``keep`` to host memory; False if none."""
+        for key in self.device_tier.entries:
+            if key != keep:
+                entry = self.device_tier.entries.pop(key)
+                self.stats.demotions += 1
+                self._admit_host(key, entry)
+                return True
+        return False
+
+    def free_device(self) -> None:
+        """Move every device entry to host memory (after the card ran out of memory)."""
+        while self.demote_oldest():
+            pass
+
     def _admit(self, key: str, entry: Entry) -> None:
         if entry.nbytes > max(self.device_tier.budget, self.host_tier.budget):
             self.stats.too_large += 1
@@ -140,10 +174,28 @@ class ReferenceKVCache:
         if entry.nbytes > self.host_tier.budget:
             self.stats.evictions += 1
             return
-        self.host_tier.entries[key] = entry.to(self.host_tier.device, pin=self.pin)
+        self.host_tier.entries[key] = self._to_host(entry)
         while self.host_tier.used > self.host_tier.budget:
             self.host_tier.entries.popitem(last=False)
             self.stats.evictions += 1
+
+    def _to_host(self, entry: Entry) -> Entry:
+        """A host copy; on CUDA into pinned memory on the copy stream, so the caller does not wait."""
+        if self.copy_stream is None:
+            return entry.to(self.host_tier.device)
+        stream, compute = self.copy_stream, torch.cuda.current_stream(self.device_tier.device)
+        stream.wait_stream(compute)  # the K/V were written on the compute stream
+
+        def copy(tensor: torch.Tensor) -> torch.Tensor:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(stream)  # its memory is not reused before this copy ends
+            return host
+
+        with torch.cuda.stream(stream):
+            moved = entry.map(copy)
+        moved.ready = stream.record_event()
+        return moved
 
     def report(self) -> KVReport:
         """What the worker holds, per tier, with bytes, plus hit/miss counters (for the registry)."""

@@ -9,6 +9,7 @@ import torch
 from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.klein import TEXT_ENCODER_LAYERS
 from kleinfarm.worker.engine.profiles import MemoryProfile
+from kleinfarm.worker.engine.streaming import stream_text_encoder
 
 SUPPORTED_PIPELINES = ("Flux2KleinKVPipeline", "Flux2KleinPipeline")
 
@@ -30,17 +31,17 @@ def check_supported(pipeline: Any, model: str) -> None:
         raise ConfigError(f"model {model!r} is a base (non-distilled) klein: kleinfarm runs the distilled ones")
 
 
-def place(pipeline: Any, layout: MemoryProfile, device: torch.device) -> None:
-    """Put the components where the profile says: fp8 weight storage, a streamed text encoder."""
+def place(pipeline: Any, layout: MemoryProfile, device: torch.device) -> int:
+    """Put the components where the profile says: fp8 weight storage, a streamed text encoder.
+
+    Returns the bytes the streamed encoder needs on the card while it runs (two of its units)."""
     if layout.weights == "fp8":
         # Weights stored as fp8 and upcast layer by layer: half the memory of the bf16 checkpoint.
         pipeline.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     if layout.text_encoder == "device":
         pipeline.to(device)
-        return
-    from accelerate import cpu_offload
-
+        return 0
     pipeline.transformer.to(device)
     pipeline.vae.to(device)
-    # Streamed from host memory layer by layer; the prompt cache makes it run once per distinct prompt.
-    cpu_offload(pipeline.text_encoder, execution_device=device)
+    # Streamed from pinned host memory a unit ahead; it runs once per distinct prompt, ahead of its job.
+    return 2 * stream_text_encoder(pipeline.text_encoder, device).unit_bytes

@@ -10,11 +10,12 @@ from kleinfarm.shared.records import PromptCacheReport
 
 
 class PromptCache:
-    """(prompt, encoder settings) -> embeddings on the render device; LRU within a byte budget."""
+    """Prompt -> embeddings on the render device (one engine: one model and encoder setting); LRU
+    within a byte budget."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.entries: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -22,7 +23,7 @@ class PromptCache:
     def used(self) -> int:
         return sum(tensor.nbytes for tensor in self.entries.values())
 
-    def get(self, key: tuple[str, ...]) -> torch.Tensor | None:
+    def get(self, key: str) -> torch.Tensor | None:
         tensor = self.entries.get(key)
         if tensor is None:
             self.misses += 1
@@ -31,12 +32,19 @@ class PromptCache:
         self.hits += 1
         return tensor
 
-    def put(self, key: tuple[str, ...], embeddings: torch.Tensor) -> None:
+    def put(self, key: str, embeddings: torch.Tensor) -> None:
         if embeddings.nbytes > self.budget:
             return
         self.entries[key] = embeddings
         while self.used > self.budget:
             self.entries.popitem(last=False)
+
+    def peek(self, key: str) -> bool:
+        """Whether ``key`` is held, without counting a hit or a miss."""
+        return key in self.entries
+
+    def clear(self) -> None:
+        self.entries.clear()
 
     def report(self) -> PromptCacheReport:
         """Hit/miss counters and bytes held against the budget (for the registry and metrics)."""

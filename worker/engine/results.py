@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from kleinfarm.worker.engine.plan import KVSource
+from kleinfarm.worker.engine.prompt_encoder import PromptSource
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class LatentResult:
     timings: dict[str, float]
     refset: str | None
     kv: KVSource
+    prompt: PromptSource = "encoded"
 
 
 @dataclass(frozen=True)
@@ -32,3 +34,4 @@ class ImageResult:
     timings: dict[str, float]
     refset: str | None
     kv: KVSource
+    prompt: PromptSource = "encoded"
