@@ -71,9 +71,10 @@ def routing_info(job: GenerateJob | EditJob, priority: int = 0, costs: CostModel
     """Routing key and cost estimates; references are assumed at the 1024 px they are capped to."""
     work = costs.cached_render_s(job.width, job.height)
     if not isinstance(job, EditJob):
-        return RoutingInfo(None, work, 0.0, priority)
-    build = costs.build_s(len(job.references), REFERENCE_MAX_SIDE)
-    return RoutingInfo(route_key(job.references), work, build, priority)
+        return RoutingInfo(None, work, 0.0, priority, job.width, job.height)
+    refs = len(job.references)
+    build = costs.build_s(refs, REFERENCE_MAX_SIDE)
+    return RoutingInfo(route_key(job.references), work, build, priority, job.width, job.height, refs)
 
 
 def with_uploaded_references(job: EditJob, index: int, uploaded: Mapping[str, str]) -> EditJob:

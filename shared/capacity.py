@@ -15,6 +15,7 @@ where they are checked (``docs/engine.md``, "Memory of a job").
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict
 
@@ -97,9 +98,7 @@ class JobShape(BaseModel):
     @classmethod
     def worst_case(cls, width: int, height: int, references: int, dims: ModelDims = FULL_SIZE) -> JobShape:
         """The shape before its references are fetched: each at the 1 MP the pipeline resizes to."""
-        side = math.isqrt(REFERENCE_MAX_AREA)
-        tokens = dims.reference_tokens(side, side)
-        return cls(width=width, height=height, reference_tokens=(tokens,) * references, reference_pixels=side * side)
+        return _worst_case(width, height, references, dims)
 
     @property
     def references(self) -> int:
@@ -108,6 +107,14 @@ class JobShape(BaseModel):
     def describe(self) -> str:
         refs = self.references
         return f"{self.width}x{self.height}" + (f" with {refs} reference{'s' * (refs != 1)}" if refs else "")
+
+
+@lru_cache(maxsize=1024)
+def _worst_case(width: int, height: int, references: int, dims: ModelDims) -> JobShape:
+    side = math.isqrt(REFERENCE_MAX_AREA)
+    tokens = dims.reference_tokens(side, side)
+    pixels = side * side if references else 0
+    return JobShape(width=width, height=height, reference_tokens=(tokens,) * references, reference_pixels=pixels)
 
 
 class JobNeed(BaseModel):
@@ -161,8 +168,10 @@ class Capability(BaseModel):
         return job_need(shape, self.dims)
 
     def fits(self, shape: JobShape) -> bool:
-        """Whether ``shape`` runs here with every cache entry moved off the card (its worst case: a miss)."""
-        return self.job_bytes is None or self.need(shape).total <= self.job_bytes
+        """Whether ``shape`` runs here with every cache entry moved off the card (its worst case: a miss).
+
+        Asked for every pending job and worker of a dispatch round: memoized, shapes are few."""
+        return self.job_bytes is None or _fits(self, shape)
 
     def largest_square(self, references: int) -> int | None:
         """The largest square output (a multiple of 16 up to 2048) with ``references`` 1 MP references."""
@@ -175,6 +184,11 @@ class Capability(BaseModel):
     def limits(self) -> dict[str, int | None]:
         """Readable limits for ``kleinfarm workers``: the largest square output per reference count."""
         return {f"refs{count}": self.largest_square(count) for count in (0, 1, 2, 4)}
+
+
+@lru_cache(maxsize=4096)
+def _fits(capability: Capability, shape: JobShape) -> bool:
+    return capability.need(shape).total <= (capability.job_bytes or 0)
 
 
 def _padded(nbytes: int) -> int:

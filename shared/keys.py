@@ -33,7 +33,8 @@ DELAYED = f"{PREFIX}:delayed"
 ACTIVE = f"{PREFIX}:active"
 # counter: submission sequence, so jobs of one priority keep FIFO order. Lives for ever.
 SEQUENCE = f"{PREFIX}:seq"
-# hash job_id -> "route|work_s|build_s|priority": what routing needs of a job, read in one HMGET by
+# hash job_id -> "route|work_s|build_s|priority|width|height|references": what routing needs of a job
+# (its set, its cost, which cards can run it), read in one HMGET by
 # the dispatcher. Written at submit. Not yet pruned when a campaign ends.
 ROUTING = f"{PREFIX}:routing"
 # string lock: which worker process's dispatcher leads. Held with a TTL of a few ticks.
@@ -50,8 +51,9 @@ CAMPAIGNS = f"{PREFIX}:campaigns"
 
 def campaign(campaign_id: str) -> str:
     """hash: name, output_prefix, priority, error_limit, created, total, open, n_<state> counters,
-    changed_at, cancel_requested, paused, failed_reason, manifest_key. Written at submit, counters
-    only by transition.lua. Lives for ever."""
+    changed_at, cancel_requested, paused, failed_reason, manifest_key, waiting (set and cleared by
+    the dispatcher: why jobs wait that no live worker can run). Written at submit, counters only by
+    transition.lua. Lives for ever."""
     return f"{PREFIX}:campaign:{campaign_id}"
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kleinfarm.shared import keys
-from kleinfarm.shared.capacity import Capability
+from kleinfarm.shared.capacity import Capability, JobShape
 from kleinfarm.shared.locators import redact
 from kleinfarm.shared.states import COUNTED_STATES, JobState
 
@@ -119,6 +119,8 @@ class CampaignStatus:
     manifest_key: str | None = None
     paused: bool = False
     failed_reason: str | None = None
+    # Why some of its jobs wait although workers are live ("waiting: no live worker can run ...").
+    waiting: str | None = None
 
     @classmethod
     def from_hash(cls, campaign_id: str, meta: dict[str, str]) -> CampaignStatus:
@@ -131,6 +133,7 @@ class CampaignStatus:
             manifest_key=meta.get("manifest_key"),
             paused=meta.get("paused") == "1",
             failed_reason=meta.get("failed_reason") or None,
+            waiting=meta.get("waiting") or None,
             **counts,
         )
 
@@ -145,7 +148,7 @@ class CampaignStatus:
         return self.finished and self.manifest_key is not None
 
     def as_dict(self) -> dict[str, Any]:
-        fields = ("campaign_id", "name", *COUNTS_ORDER, "paused", "failed_reason")
+        fields = ("campaign_id", "name", *COUNTS_ORDER, "paused", "failed_reason", "waiting")
         return {field: getattr(self, field) for field in fields}
 
 
@@ -157,14 +160,27 @@ class RoutingInfo:
     work_s: float
     build_s: float
     priority: int = 0
+    # Output size and reference count: which workers' cards can run it (``shared/capacity.py``).
+    width: int = 0
+    height: int = 0
+    references: int = 0
 
     def encode(self) -> str:
-        return f"{self.route or ''}|{self.work_s:.4f}|{self.build_s:.4f}|{self.priority}"
+        fields = (self.route or "", f"{self.work_s:.4f}", f"{self.build_s:.4f}", self.priority)
+        return "|".join(map(str, (*fields, self.width, self.height, self.references)))
 
     @classmethod
     def decode(cls, text: str) -> RoutingInfo:
-        route, work, build, priority = text.split("|")
-        return cls(route or None, float(work), float(build), int(priority))
+        route, work, build, priority, *shape = text.split("|")
+        width, height, references = (int(value) for value in shape) if shape else (0, 0, 0)
+        return cls(route or None, float(work), float(build), int(priority), width, height, references)
+
+    @property
+    def shape(self) -> JobShape | None:
+        """The job's shape at its largest (references of 1 MP); None for a record from before shapes."""
+        if not self.width:
+            return None
+        return JobShape.worst_case(self.width, self.height, self.references)
 
 
 class _Report(BaseModel):

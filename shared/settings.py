@@ -30,6 +30,11 @@ class FarmSettings(BaseSettings):
         default=None, description="identity of this worker's card, stable across restarts (default: host and GPU)"
     )
     profile: Literal["auto", "large", "rtx5090", "rtx4090", "cpu"] = "auto"
+    # MiB of its card a worker may use (default: the card's, or the allocator's cap; on CPU no limit):
+    # what decides which jobs it accepts and when it moves cached K/V off the card before a job.
+    card_memory_mb: int | None = Field(default=None, gt=0)
+    # Cost-model seconds this card renders per second, before its own renders have measured it.
+    speed: float = Field(default=1.0, gt=0)
     # Cache budgets in MiB; unset = from the memory profile and what the card has free.
     kv_device_budget_mb: int | None = None
     kv_host_budget_mb: int | None = None

@@ -212,3 +212,19 @@ def test_prompts_of_held_jobs_are_encoded_ahead_once_and_give_the_same_image(
     assert latents(roomy, [A], "a prompt nobody announced", 6).prompt == "encoded"
     clean = RenderEngine.load(str(tiny_model), "cpu", CacheBudgets(1 << 30, 1 << 30, 1 << 20))
     assert torch.equal(ahead.latents, latents(clean, [A], "the next job's prompt", 4).latents)
+
+
+def test_bench_card_runs_its_whole_stream_and_encodes_each_next_prompt_ahead() -> None:
+    from kleinfarm.worker.bench.card import STEADY_JOBS, run
+
+    rows: list[dict[str, Any]] = []
+    summary = run("4", "tiny", "cpu", baselines=True, say=rows.append)
+    assert summary["kleinfarm"]["failed_jobs"] == 0 and summary["diffusers"]["failed_jobs"] == 0
+    jobs = [row for row in rows if row.get("run") == "kleinfarm-cpu"]
+    assert len(jobs) == 10 + 2 * STEADY_JOBS
+    assert [row["kv"] for row in jobs[2:4]] == ["miss", "device"]
+    distinct = [row["prompt"] for row in jobs if row["job"] == "steady-distinct"]
+    assert distinct[0] == "encoded" and set(distinct[1:]) <= {"ahead", "cached"}
+    repeated = [row["prompt"] for row in jobs if row["job"] == "steady-repeated"]
+    assert repeated[0] in ("ahead", "cached") and set(repeated[1:]) == {"cached"}  # announced by the job before
+    assert summary["diffusers_over_kleinfarm"] > 0

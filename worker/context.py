@@ -13,6 +13,7 @@ from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.state import FarmState
 from kleinfarm.shared.storage import Storage
+from kleinfarm.worker.farm.speed import SpeedMeter
 
 if TYPE_CHECKING:
     from kleinfarm.worker.engine import RenderEngine
@@ -46,6 +47,7 @@ class WorkerContext:
     metrics_port: int | None = None
     # Routing key -> the content key its references were cached under.
     routes: dict[str, str] = field(default_factory=dict)
+    speed: SpeedMeter = field(default_factory=lambda: SpeedMeter(1.0))
 
     def held_routes(self) -> list[str]:
         """Routing keys whose reference K/V this worker holds now, in either tier."""
@@ -71,6 +73,7 @@ class WorkerContext:
             engine=engine,
             worker_id=new_worker_id(identity),
             identity=identity,
+            speed=SpeedMeter(settings.speed),
         )
 
 

@@ -131,14 +131,20 @@ def _render_and_store(
     references = [context.fetcher.fetch(url) for url in getattr(job, "references", [])]
     fetch_s = time.perf_counter() - fetch_started
 
+    _encode_ahead(context, job_id)
+
     def on_step(done: int, total: int) -> None:
+        if done == 1:  # a job handed over since this one started waits in the slot behind it
+            _encode_ahead(context, job_id)
         context.state.set_progress(job_id, done, total)
         send_event("task-progress", job=job_id, step=done, total=total)
         if done < total and (reason := context.state.cancel_reason(campaign_id)):
             raise JobCancelledError(f"{reason} (stopped at step {done} of {total})")
 
     result = context.engine.render(job, [(ref.digest, ref.image) for ref in references], on_step)
+    _measure_speed(context, job_id, result)
     fields = {"refset": result.refset, "kv": result.kv} if result.refset else {}
+    fields["prompt"] = result.prompt
     if result.refset and record.route:
         context.routes[record.route] = result.refset
     result.timings["fetch_s"] = round(fetch_s, 4)
@@ -150,6 +156,27 @@ def _render_and_store(
     if not wrote:
         _check_own_earlier_write(context, key, job_id)
     return {**fields, "key": key, "timings": json.dumps(result.timings)}
+
+
+def _encode_ahead(context: WorkerContext, job_id: str) -> None:
+    """Start encoding the prompts of the other jobs handed to this worker, while this one renders."""
+    try:
+        waiting = [other for other in context.registry.assigned(context.worker_id) if other != job_id]
+        prompts = [str(context.state.job(other).spec.get("prompt", "")) for other in waiting]
+    except (redis.exceptions.RedisError, KleinfarmError) as error:  # an optimisation: never fail a job for it
+        log.warning("no look-ahead for %s: %s", job_id, error)
+        return
+    if started := context.engine.encode_ahead([prompt for prompt in prompts if prompt]):
+        log.info("encoding %d prompt(s) ahead of their jobs", started)
+
+
+def _measure_speed(context: WorkerContext, job_id: str, result: ImageResult) -> None:
+    """The card's speed: the cost model's seconds for this job over the seconds it took."""
+    info = context.state.routing([job_id])[0]
+    if info is None:
+        return
+    estimated = info.work_s + (info.build_s if result.kv == "miss" else 0.0)
+    context.speed.observe(estimated, result.timings.get("total_s", 0.0) + result.timings.get("decode_s", 0.0))
 
 
 def _check_own_earlier_write(context: WorkerContext, key: str, job_id: str) -> None:

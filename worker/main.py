@@ -42,9 +42,9 @@ def run_worker(
     from kleinfarm.worker.farm.heartbeat import beat_until
     from kleinfarm.worker.tasks import register_tasks
 
-    engine = RenderEngine.load(
-        settings.model, "cuda" if settings.gpu is not None else None, budgets_from(settings), settings.profile
-    )
+    card_bytes = settings.card_memory_mb << 20 if settings.card_memory_mb else None
+    device = "cuda" if settings.gpu is not None else None
+    engine = RenderEngine.load(settings.model, device, budgets_from(settings), settings.profile, card_bytes)
     ctx = WorkerContext.build(settings, engine, settings.worker_name or default_identity(settings.gpu))
     context.install(ctx)
     if settings.metrics_port is not None:

@@ -38,6 +38,21 @@ def bench_kv(
     run([int(count) for count in refs.split(",")], full_size, device, repeat)
 
 
+@bench_app.command("card")
+def bench_card(
+    card: Annotated[str, typer.Option(help="rtx4090, rtx5090, or a card's memory in GiB")] = "rtx4090",
+    shapes: Annotated[
+        str, typer.Option(help="full (the 9B shapes, CUDA), cpu or tiny (a check of the script)")
+    ] = "full",
+    device: Annotated[str, typer.Option(help="cuda or cpu")] = "cuda",
+    baselines: Annotated[bool, typer.Option(help="Also run diffusers' offloaded pipeline and the whole card")] = True,
+) -> None:
+    """One fixed stream of jobs on a card capped to a 24 or 32 GB card: seconds, K/V source, peak per job."""
+    from kleinfarm.worker.bench.card import run
+
+    run(card, shapes, device, baselines)
+
+
 @bench_app.command("routing")
 def bench_routing(
     workers: Annotated[int, typer.Option(help="Workers (GPUs) to simulate")] = 8,
@@ -54,11 +69,29 @@ def bench_routing(
     refsets: Annotated[int | None, typer.Option(help="Reference sets in a Zipf trace (default jobs/100)")] = None,
     seed: int = 1,
     write_trace: Annotated[Path | None, typer.Option(help="Also write the generated trace here")] = None,
+    fleet: Annotated[
+        str,
+        typer.Option(
+            help="uniform (every worker alike, --kv-gib each) or mixed (4090s, 5090s and a bigger card: "
+            "own speeds, K/V budgets and job limits; --kv-gib unused)"
+        ),
+    ] = "uniform",
+    large_share: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of a generated Zipf or bursty trace's jobs at 2048x2048 (default 0.02 on a mixed fleet)"
+        ),
+    ] = None,
 ) -> None:
     """Simulate every routing policy on one trace with the farm's own routing code (exit 1 if a job never ran)."""
+    from kleinfarm.producer.bench.fleets import FLEETS
     from kleinfarm.producer.bench.routing import bench_routing as run_bench
 
-    results = run_bench(workers, trace, zipf, bursty, jobs, kv_gib, seed, write_trace, refsets, mixed)
+    if fleet not in FLEETS:
+        raise typer.BadParameter(f"unknown fleet {fleet!r}; known: {', '.join(FLEETS)}", param_hint="--fleet")
+    results = run_bench(
+        workers, trace, zipf, bursty, jobs, kv_gib, seed, write_trace, refsets, mixed, fleet, large_share
+    )
     if any(row["unrun"] for row in results):
         raise typer.Exit(1)
 

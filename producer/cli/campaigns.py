@@ -44,6 +44,10 @@ def status(campaign_id: str, as_json: AsJson = False, env_file: EnvFile = None) 
 
 def _print_status(counts: dict[str, Any]) -> None:
     print_table(("campaign", *COUNTS_ORDER), [{"campaign": counts["campaign_id"], **counts}])
+    if counts.get("waiting"):
+        say(str(counts["waiting"]))
+    if counts.get("failed_reason"):
+        say(f"failed: {counts['failed_reason']}")
 
 
 @app.command()

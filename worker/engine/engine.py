@@ -132,23 +132,30 @@ class RenderEngine:
         from diffusers import DiffusionPipeline
 
         device = pick_device(device)
-        card = torch.device(device)
-        card_bytes = card_limit(card, card_bytes)
-        layout = profile_for_card(profile, card_bytes if card.type == "cuda" else None, physical_memory())
-        dtype = torch.float32 if card.type == "cpu" else torch.bfloat16
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
         started = time.perf_counter()
         pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         check_supported(pipeline, model)
+        engine = cls.from_pipeline(pipeline, model, device, budgets, profile, card_bytes)
+        log.info("loaded %s on %s (%s, profile %s) in %.1f s", model, device, dtype, engine.profile, _lap(started))
+        return engine
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipeline: Any,
+        model: str,
+        device: str,
+        budgets: CacheBudgets | None = None,
+        profile: ProfileName = "auto",
+        card_bytes: int | None = None,
+    ) -> RenderEngine:
+        """An engine around a pipeline in host memory, laid out on ``device`` by the card's profile."""
+        card = torch.device(device)
+        card_bytes = card_limit(card, card_bytes)
+        layout = profile_for_card(profile, card_bytes if card.type == "cuda" else None, physical_memory())
         streaming_bytes = place(pipeline, layout, card)
         pipeline.set_progress_bar_config(disable=True)
-        log.info(
-            "loaded %s on %s (%s, profile %s) in %.1f s",
-            model,
-            device,
-            dtype,
-            layout.name,
-            time.perf_counter() - started,
-        )
         budgets = budgets or CacheBudgets.from_profile(layout, card)
         return cls(pipeline, model, device, budgets, layout.name, card_bytes, streaming_bytes)
 

@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 
 def worker_report(ctx: WorkerContext) -> WorkerReport:
     """What the farm needs to know of this worker right now."""
+    engine = ctx.engine.report()
+    if engine.capability is not None:
+        engine = engine.model_copy(
+            update={"capability": engine.capability.model_copy(update={"speed": ctx.speed.speed})}
+        )
     return WorkerReport(
         identity=ctx.identity,
         queue=ctx.queue,
@@ -26,7 +31,7 @@ def worker_report(ctx: WorkerContext) -> WorkerReport:
         metrics_port=ctx.metrics_port,
         routes=ctx.held_routes(),
         counters=dict(ctx.counters),
-        engine=ctx.engine.report(),
+        engine=engine,
     )
 
 
