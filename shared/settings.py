@@ -33,6 +33,9 @@ class FarmSettings(BaseSettings):
     # MiB of its card a worker may use (default: the card's, or the allocator's cap; on CPU no limit):
     # what decides which jobs it accepts and when it moves cached K/V off the card before a job.
     card_memory_mb: int | None = Field(default=None, gt=0)
+    # The rtx4090 profile's transformer: "storage" keeps fp8 weights and computes in bf16 (diffusers'
+    # layerwise casting); "compute" multiplies in fp8 (``torch._scaled_mm``, Ada/Hopper/Blackwell).
+    fp8: Literal["storage", "compute"] = "storage"
     # Cost-model seconds this card renders per second, before its own renders have measured it.
     speed: float = Field(default=1.0, gt=0)
     # Cache budgets in MiB; unset = from the memory profile and what the card has free.
