@@ -228,3 +228,35 @@ def test_bench_card_runs_its_whole_stream_and_encodes_each_next_prompt_ahead() -
     repeated = [row["prompt"] for row in jobs if row["job"] == "steady-repeated"]
     assert repeated[0] in ("ahead", "cached") and set(repeated[1:]) == {"cached"}  # announced by the job before
     assert summary["diffusers_over_kleinfarm"] > 0
+
+
+# --- fp8 ----------------------------------------------------------------------------------------
+
+
+def test_an_fp8_linear_multiplies_in_fp8_within_its_rounding_of_bf16() -> None:
+    from kleinfarm.worker.engine.fp8 import Fp8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(3, 37, 64, dtype=torch.bfloat16)  # 111 rows: padded to a multiple of 16 inside
+    expected, got = linear(x).float(), Fp8Linear(linear)(x).float()
+    assert got.shape == expected.shape
+    assert 0 < float((got - expected).norm() / expected.norm()) < 0.06  # e4m3 keeps 3 mantissa bits
+
+
+def test_the_rtx4090_layout_with_fp8_compute_replaces_every_block_linear_and_renders(tiny_model: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    from kleinfarm.worker.engine.fp8 import Fp8Linear
+    from kleinfarm.worker.engine.loading import place
+    from kleinfarm.worker.engine.profiles import MemoryProfile
+
+    pipeline = DiffusionPipeline.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
+    place(
+        pipeline, MemoryProfile("rtx4090", "fp8", "device", 1 << 30, 1 << 30, 1 << 20), torch.device("cpu"), "compute"
+    )
+    blocks = [*pipeline.transformer.transformer_blocks, *pipeline.transformer.single_transformer_blocks]
+    linears = [module for block in blocks for module in block.modules() if isinstance(module, torch.nn.Linear)]
+    assert not linears and any(isinstance(module, Fp8Linear) for module in blocks[0].modules())
+    engine = RenderEngine(pipeline, "tiny", "cpu", CacheBudgets(1 << 30, 1 << 30, 1 << 20))
+    assert torch.isfinite(latents(engine, [A], "fp8 compute", 1).latents).all()

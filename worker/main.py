@@ -44,7 +44,9 @@ def run_worker(
 
     card_bytes = settings.card_memory_mb << 20 if settings.card_memory_mb else None
     device = "cuda" if settings.gpu is not None else None
-    engine = RenderEngine.load(settings.model, device, budgets_from(settings), settings.profile, card_bytes)
+    engine = RenderEngine.load(
+        settings.model, device, budgets_from(settings), settings.profile, card_bytes, settings.fp8
+    )
     ctx = WorkerContext.build(settings, engine, settings.worker_name or default_identity(settings.gpu))
     context.install(ctx)
     if settings.metrics_port is not None:

@@ -53,6 +53,17 @@ def bench_card(
     run(card, shapes, device, baselines)
 
 
+@bench_app.command("fp8")
+def bench_fp8(
+    shapes: Annotated[str, typer.Option(help="full (the 9B shapes), cpu or tiny")] = "full",
+    device: Annotated[str, typer.Option(help="cuda or cpu")] = "cuda",
+) -> None:
+    """The transformer in bf16, stored as fp8 and computed in fp8: seconds and error against bf16."""
+    from kleinfarm.worker.bench.fp8 import run
+
+    run(shapes, device)
+
+
 @bench_app.command("routing")
 def bench_routing(
     workers: Annotated[int, typer.Option(help="Workers (GPUs) to simulate")] = 8,

@@ -27,7 +27,7 @@ from kleinfarm.shared.records import EngineReport
 from kleinfarm.shared.refset import reference_set_key
 from kleinfarm.worker.engine.admission import Admission, card_limit, is_out_of_memory, model_dims, resident_bytes
 from kleinfarm.worker.engine.kv_cache import Entry, ReferenceKVCache, from_diffusers, to_diffusers
-from kleinfarm.worker.engine.loading import check_supported, place, text_encoder_layers
+from kleinfarm.worker.engine.loading import Fp8Mode, check_supported, place, text_encoder_layers
 from kleinfarm.worker.engine.plan import (
     JobReferences,
     KVSource,
@@ -121,6 +121,7 @@ class RenderEngine:
         budgets: CacheBudgets | None = None,
         profile: ProfileName = "auto",
         card_bytes: int | None = None,
+        fp8: Fp8Mode = "storage",
     ) -> RenderEngine:
         """``from_pretrained`` of a Hub id or a local folder, laid out by the card's memory profile.
 
@@ -136,7 +137,7 @@ class RenderEngine:
         started = time.perf_counter()
         pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         check_supported(pipeline, model)
-        engine = cls.from_pipeline(pipeline, model, device, budgets, profile, card_bytes)
+        engine = cls.from_pipeline(pipeline, model, device, budgets, profile, card_bytes, fp8)
         log.info("loaded %s on %s (%s, profile %s) in %.1f s", model, device, dtype, engine.profile, _lap(started))
         return engine
 
@@ -149,12 +150,13 @@ class RenderEngine:
         budgets: CacheBudgets | None = None,
         profile: ProfileName = "auto",
         card_bytes: int | None = None,
+        fp8: Fp8Mode = "storage",
     ) -> RenderEngine:
         """An engine around a pipeline in host memory, laid out on ``device`` by the card's profile."""
         card = torch.device(device)
         card_bytes = card_limit(card, card_bytes)
         layout = profile_for_card(profile, card_bytes if card.type == "cuda" else None, physical_memory())
-        streaming_bytes = place(pipeline, layout, card)
+        streaming_bytes = place(pipeline, layout, card, fp8)
         pipeline.set_progress_bar_config(disable=True)
         budgets = budgets or CacheBudgets.from_profile(layout, card)
         return cls(pipeline, model, device, budgets, layout.name, card_bytes, streaming_bytes)

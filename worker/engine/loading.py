@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.klein import TEXT_ENCODER_LAYERS
+from kleinfarm.worker.engine.fp8 import use_fp8_compute
 from kleinfarm.worker.engine.profiles import MemoryProfile
 from kleinfarm.worker.engine.streaming import stream_text_encoder
 
 SUPPORTED_PIPELINES = ("Flux2KleinKVPipeline", "Flux2KleinPipeline")
+# How the rtx4090 profile keeps its fp8 transformer: stored (upcast per layer) or computed in fp8.
+Fp8Mode = Literal["storage", "compute"]
 
 
 def text_encoder_layers(num_hidden_layers: int) -> tuple[int, ...]:
@@ -31,11 +34,14 @@ def check_supported(pipeline: Any, model: str) -> None:
         raise ConfigError(f"model {model!r} is a base (non-distilled) klein: kleinfarm runs the distilled ones")
 
 
-def place(pipeline: Any, layout: MemoryProfile, device: torch.device) -> int:
+def place(pipeline: Any, layout: MemoryProfile, device: torch.device, fp8: Fp8Mode = "storage") -> int:
     """Put the components where the profile says: fp8 weight storage, a streamed text encoder.
 
     Returns the bytes the streamed encoder needs on the card while it runs (two of its units)."""
-    if layout.weights == "fp8":
+    if layout.weights == "fp8" and fp8 == "compute":
+        # Half the memory of the bf16 checkpoint, and products on the fp8 tensor cores (``fp8.py``).
+        use_fp8_compute(pipeline.transformer)
+    elif layout.weights == "fp8":
         # Weights stored as fp8 and upcast layer by layer: half the memory of the bf16 checkpoint.
         pipeline.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     if layout.text_encoder == "device":
