@@ -26,6 +26,9 @@ ALIGN = 16
 class Fp8Linear(nn.Module):
     """``linear``, multiplying in fp8; the output in the layer's own dtype."""
 
+    weight_fp8: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
