@@ -10,6 +10,11 @@ K/V in an LRU cache with a byte budget; a job whose set is not held pays the bui
 Load is counted as the policies count it, in whole milliseconds (``costmodel.to_ms``): the running
 sums go up and down for hours and must come back to exactly zero. Every job must run; one that did
 not keeps its sentinel in ``Outcome`` and is reported (``unrun``), never counted.
+
+A fleet (``fleets.py``) gives each worker its own speed (a job takes its cost-model seconds
+divided by it), K/V budget and capability (which jobs fit its card); every policy, ours and the
+baselines, runs on the same fleet. Without one, every worker is alike: speed 1.0, one budget,
+any job.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kleinfarm.producer.bench.fleets import Card, uniform_fleet
+from kleinfarm.shared.capacity import JobShape
 from kleinfarm.shared.costmodel import CostModel, to_ms
+from kleinfarm.shared.klein import REFERENCE_MAX_SIDE, reference_tokens
 from kleinfarm.shared.routing import AffinityPolicy, PendingIndex, PendingJob, Policy, Round, WorkerState
 
 SLOTS = 2
@@ -35,24 +43,50 @@ class TraceJob:
     work_s: float
     build_s: float
     kv_bytes: int
+    shape: JobShape | None = None  # what its memory depends on: which cards can run it
 
 
 def trace_jobs(rows: Sequence[dict[str, Any]], costs: CostModel) -> list[TraceJob]:
     """Trace rows (``arrival_s, refset, num_refs, ref_px, width, height``) with their costs."""
     jobs = []
+    # One object per shape: the policies memoize what fits where by the object.
+    shapes: dict[tuple[int, int, int, int], JobShape] = {}
     for index, row in enumerate(sorted(rows, key=lambda row: row["arrival_s"])):
         refs = int(row.get("num_refs") or 0) if row.get("refset") else 0
+        ref_px = int(row.get("ref_px") or 1024)
+        width, height = int(row["width"]), int(row["height"])
+        key = (width, height, refs, ref_px if refs else 0)
+        shape = shapes.get(key)
+        if shape is None:
+            shape = shapes[key] = job_shape(width, height, refs, ref_px)
         jobs.append(
             TraceJob(
                 index=index,
                 arrival_s=float(row["arrival_s"]),
                 refset=row.get("refset") if refs else None,
-                work_s=costs.cached_render_s(int(row["width"]), int(row["height"])),
-                build_s=costs.build_s(refs, int(row.get("ref_px") or 1024)),
-                kv_bytes=costs.kv_bytes(refs, int(row.get("ref_px") or 1024)),
+                work_s=costs.cached_render_s(width, height),
+                build_s=costs.build_s(refs, ref_px),
+                kv_bytes=costs.kv_bytes(refs, ref_px),
+                shape=shape,
             )
         )
     return jobs
+
+
+def job_shape(width: int, height: int, refs: int, ref_px: int) -> JobShape:
+    """A trace job's shape: ``refs`` square references of ``ref_px`` (the cost model's references)."""
+    side = min(ref_px, REFERENCE_MAX_SIDE) if refs else 0
+    return JobShape(
+        width=width,
+        height=height,
+        reference_tokens=(reference_tokens(1, side),) * refs,
+        reference_pixels=side * side,
+    )
+
+
+def _knows_cards(fleet: Sequence[Card]) -> bool:
+    """Whether the policies need to know the fleet's cards (some worker has a capability)."""
+    return any(card.capability is not None for card in fleet)
 
 
 @dataclass
@@ -91,11 +125,15 @@ class Outcome:
     start: list[float]
     finish: list[float]
     hit: list[bool]
-    busy: list[float]
+    busy: list[float]  # seconds each worker was busy
+    # Cost-model seconds each worker ran (its busy seconds times its speed), on a fleet of
+    # unequal cards: what ``gpu_s`` sums there, so it compares with the oracle's work.
+    work: list[float] = field(default_factory=list)
+    worker: list[int] = field(default_factory=list)  # the index of the worker each job ran on (-1: none)
 
     @classmethod
     def unrun(cls, jobs: int) -> Outcome:
-        return cls([UNRUN] * jobs, [UNRUN] * jobs, [False] * jobs, [])
+        return cls([UNRUN] * jobs, [UNRUN] * jobs, [False] * jobs, [], worker=[-1] * jobs)
 
     def ran(self, index: int) -> bool:
         return self.finish[index] != UNRUN
@@ -105,36 +143,53 @@ class Outcome:
         return sum(1 for finish in self.finish if finish == UNRUN)
 
 
+def duration_s(job: TraceJob, hit: bool, speed: float) -> float:
+    """How long ``job`` runs on a card of ``speed``."""
+    seconds = job.work_s + (0.0 if hit else job.build_s)
+    return seconds if speed == 1.0 else seconds / speed
+
+
 class PushWorker:
     """A worker that runs the jobs placed on its queue, in order."""
 
-    def __init__(self, index: int, budget: int) -> None:
+    def __init__(self, index: int, budget: int, card: Card | None = None) -> None:
         # Identities "w<index>": the consistent-hash ring is built from them.
-        self.state = WorkerState(f"w{index}", f"w{index}", 0.0, PUSH_SLOTS)
-        self.cache = KVCache(budget)
+        capability = None if card is None else card.capability
+        self.index = index
+        self.state = WorkerState(f"w{index}", f"w{index}", 0.0, PUSH_SLOTS, capability=capability)
+        self.cache = KVCache(budget if card is None else card.kv_budget)
+        self.speed = 1.0 if card is None else card.speed
         self.free_at = 0.0
         self.busy = 0.0
+        self.work = 0.0
 
     def run(self, job: TraceJob, outcome: Outcome) -> float:
         """Queue the job behind the others; return when it finishes."""
         start = max(job.arrival_s, self.free_at)
         hit, _ = self.cache.lookup(job)
-        duration = job.work_s + (0.0 if hit else job.build_s)
+        duration = duration_s(job, hit, self.speed)
         self.free_at = start + duration
         self.busy += duration
+        self.work += duration * self.speed
         outcome.start[job.index], outcome.finish[job.index], outcome.hit[job.index] = start, self.free_at, hit
+        outcome.worker[job.index] = self.index
         return self.free_at
 
 
-def simulate_push(jobs: list[TraceJob], workers: int, budget: int, policy: Policy) -> Outcome:
+def simulate_push(
+    jobs: list[TraceJob], workers: int, budget: int, policy: Policy, fleet: Sequence[Card] | None = None
+) -> Outcome:
     """Each job placed by ``policy`` when it arrives, in a one-job round over every worker.
 
     A worker's ``queued_ms`` is the time until its queue frees, negative for a worker idle that
-    long, so least-loaded picks the worker whose queue frees (or freed) first. Its
-    ``queued_jobs`` are its jobs in flight: ``commit`` counts a job in, and one heap of finish
-    times (cheaper than a look at every worker's queue per arrival) counts it out.
+    long, so least-loaded picks the worker whose queue frees (or freed) first (in its own time:
+    the time the queue takes on its card). Its ``queued_jobs`` are its jobs in flight: ``commit``
+    counts a job in, and one heap of finish times (cheaper than a look at every worker's queue per
+    arrival) counts it out. A job no card can run is never placed: it stays unrun.
     """
-    pool = [PushWorker(index, budget) for index in range(workers)]
+    cards = uniform_fleet(workers, budget) if fleet is None else list(fleet)
+    shaped = _knows_cards(cards)
+    pool = [PushWorker(index, budget, card) for index, card in enumerate(cards)]
     states = [worker.state for worker in pool]
     by_id = {worker.state.worker_id: index for index, worker in enumerate(pool)}
     in_flight: list[tuple[float, int]] = []  # (finish, worker index)
@@ -147,33 +202,54 @@ def simulate_push(jobs: list[TraceJob], workers: int, budget: int, policy: Polic
             states[heapq.heappop(in_flight)[1]].queued_jobs -= 1
         for worker, state in zip(pool, states, strict=True):
             state.queued_ms = to_ms(worker.free_at - now)
-        round.pending.add(PendingJob(str(job.index), job.refset, job.work_s, job.build_s))
-        (decision,) = policy.assign(round)
-        index = by_id[decision.worker.worker_id]
+        pending = PendingJob(str(job.index), job.refset, job.work_s, job.build_s, shape=job.shape if shaped else None)
+        round.pending.add(pending)
+        decisions = policy.assign(round)
+        if not decisions:  # no card can run it: it stays unrun (and out of the next rounds)
+            round.pending.remove(pending)
+            continue
+        index = by_id[decisions[0].worker.worker_id]
         heapq.heappush(in_flight, (pool[index].run(job, outcome), index))
     outcome.busy = [worker.busy for worker in pool]
+    if any(worker.speed != 1.0 for worker in pool):
+        outcome.work = [worker.work for worker in pool]
     return outcome
 
 
 class LateWorker:
     """A worker of the late-binding farm: one job running, one waiting."""
 
-    def __init__(self, index: int, budget: int) -> None:
+    def __init__(self, index: int, budget: int, card: Card | None = None) -> None:
         self.index = index
-        self.state = WorkerState(f"w{index:04d}", f"w{index:04d}", 0.0, SLOTS)
-        self.cache = KVCache(budget)
+        capability = None if card is None else card.capability
+        self.state = WorkerState(f"w{index:04d}", f"w{index:04d}", 0.0, SLOTS, capability=capability)
+        self.cache = KVCache(budget if card is None else card.kv_budget)
+        self.speed = 1.0 if card is None else card.speed
         self.waiting: deque[tuple[TraceJob, int]] = deque()  # with the estimate counted, in ms
         self.running = False
         self.busy = 0.0
+        self.work = 0.0
         self.handed: dict[str, int] = {}
 
 
 class LateBindingSim:
     """The farm's dispatcher, event by event, with the farm's policy."""
 
-    def __init__(self, jobs: list[TraceJob], workers: int, budget: int, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        jobs: list[TraceJob],
+        workers: int,
+        budget: int,
+        policy: Policy | None = None,
+        fleet: Sequence[Card] | None = None,
+    ) -> None:
         self.jobs = jobs
-        self.pool = [LateWorker(index, budget) for index in range(workers)]
+        cards = uniform_fleet(workers, budget) if fleet is None else list(fleet)
+        self.pool = [LateWorker(index, budget, card) for index, card in enumerate(cards)]
+        # On a mixed fleet the policy is told every worker (who holds a set and can run its job)
+        # and every job's shape; on a uniform one, neither: the farm's rounds as they always were.
+        self.shaped = _knows_cards(cards)
+        self.states = [worker.state for worker in self.pool]
         self.pending = PendingIndex()
         self.holders: dict[str, int] = {}
         # The rendezvous order is over the whole farm, though a round offers only the free workers.
@@ -192,11 +268,14 @@ class LateBindingSim:
             now, _, kind, index = heapq.heappop(self.events)
             if kind == 0:
                 job = self.jobs[index]
-                self.pending.add(PendingJob(str(job.index), job.refset, job.work_s, job.build_s))
+                shape = job.shape if self.shaped else None
+                self.pending.add(PendingJob(str(job.index), job.refset, job.work_s, job.build_s, shape=shape))
             else:
                 order = self._finish(self.pool[index], now, order)
             order = self._dispatch(now, order)
         self.outcome.busy = [worker.busy for worker in self.pool]
+        if any(worker.speed != 1.0 for worker in self.pool):
+            self.outcome.work = [worker.work for worker in self.pool]
         return self.outcome
 
     def _dispatch(self, now: float, order: int) -> int:
@@ -210,6 +289,7 @@ class LateBindingSim:
                 self.holders,
                 farm_size=len(self.pool),
                 farm_queued_ms=self.queued_ms,
+                fleet=self.states if self.shaped else None,
             )
         )
         for decision in decisions:
@@ -235,11 +315,13 @@ class LateBindingSim:
         for refset in evicted:
             if not worker.handed.get(refset):
                 self._release(worker, refset)
-        duration = job.work_s + (0.0 if hit else job.build_s)
+        duration = duration_s(job, hit, worker.speed)
         self.outcome.start[job.index], self.outcome.hit[job.index] = now, hit
         self.outcome.finish[job.index] = now + duration
+        self.outcome.worker[job.index] = worker.index
         worker.running = True
         worker.busy += duration
+        worker.work += duration * worker.speed
         heapq.heappush(self.events, (now + duration, order, 1, worker.index))
         return order + 1
 

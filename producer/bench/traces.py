@@ -21,9 +21,13 @@ OVERLOAD = 1.1  # arrivals at 1.1x the farm's capacity, so a backlog builds and 
 
 
 def zipf_trace(
-    exponent: float, jobs: int, workers: int, seed: int, costs: CostModel, refsets: int | None = None
+    exponent: float, jobs: int, workers: float, seed: int, costs: CostModel, refsets: int | None = None
 ) -> list[dict[str, Any]]:
-    """Poisson arrivals, reference sets drawn by a Zipf law over a catalogue of ``refsets`` sets."""
+    """Poisson arrivals, reference sets drawn by a Zipf law over a catalogue of ``refsets`` sets.
+
+    ``workers`` is the farm's capacity in cost-model seconds per second: its workers, or on a
+    mixed fleet the sum of their speeds.
+    """
     rng = random.Random(seed)
     pool = refsets or max(jobs // 100, 50)
     weights = [1 / (rank**exponent) for rank in range(1, pool + 1)]
@@ -40,8 +44,11 @@ def zipf_trace(
     return rows
 
 
-def bursty_trace(jobs: int, workers: int, seed: int, costs: CostModel) -> list[dict[str, Any]]:
-    """Campaigns submitted whole: each a few hot reference sets, product singletons, generates."""
+def bursty_trace(jobs: int, workers: float, seed: int, costs: CostModel) -> list[dict[str, Any]]:
+    """Campaigns submitted whole: each a few hot reference sets, product singletons, generates.
+
+    ``workers``: the farm's capacity, as for ``zipf_trace``.
+    """
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     campaign = 0
@@ -65,6 +72,24 @@ def bursty_trace(jobs: int, workers: int, seed: int, costs: CostModel) -> list[d
         clock += 0.6 * sum(_cost(row, costs) for row in burst) / workers
         campaign += 1
     return rows
+
+
+LARGE_SIDE = 2048
+
+
+def with_large_outputs(rows: list[dict[str, Any]], share: float, seed: int, costs: CostModel) -> list[dict[str, Any]]:
+    """The same trace with ``share`` of its jobs rendering 2048x2048 (print-size heroes), its
+    arrivals stretched by the work added, so it loads the farm as much as before.
+
+    Those with four 1024 px references need more memory than a 4090 or a 5090 has beside its
+    weights (``producer/bench/fleets.py``): on a mixed fleet only the bigger cards run them. The
+    jobs are drawn with their own generator, so the others are the trace's own.
+    """
+    rng = random.Random(f"large-{seed}")
+    before = sum(_cost(row, costs) for row in rows)
+    large = [{**row, "width": LARGE_SIDE, "height": LARGE_SIDE} if rng.random() < share else row for row in rows]
+    stretch = sum(_cost(row, costs) for row in large) / before if before else 1.0
+    return [{**row, "arrival_s": round(row["arrival_s"] * stretch, 4)} for row in large]
 
 
 # The mixed day (``mixed_trace``): two hours of a shared farm, what ``examples/traces/mixed-2h.jsonl`` is.

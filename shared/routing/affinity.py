@@ -32,12 +32,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from kleinfarm.shared.routing.pending import PendingIndex
-from kleinfarm.shared.routing.policy import Decision, PendingJob, Policy, Round, WorkerState, commit
+from kleinfarm.shared.routing.policy import NOBODY, Decision, PendingJob, Policy, Round, WorkerState, commit, fits
+
+if TYPE_CHECKING:
+    from kleinfarm.shared.capacity import Capability, JobShape
+
+_T = TypeVar("_T")
 
 LOAD_CAP = 1.25
 SPREAD_SLACK = 2.0
@@ -60,18 +65,35 @@ def rendezvous(route: str, identity: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{route}|{identity}".encode(), digest_size=8).digest(), "big")
 
 
+class Ranks(Protocol):
+    def rank(self, route: str, identity: str) -> int:
+        """Where ``identity`` stands in ``route``'s rendezvous order: its first ``k`` are its owners."""
+
+
 class Owners:
     """Each reference set's workers in rendezvous order, memoized: its first ``k`` are its owners."""
 
     def __init__(self, identities: Iterable[str]) -> None:
         self.identities = sorted(identities)
         self._ranks: dict[str, dict[str, int]] = {}
+        self._among: dict[tuple[str, frozenset[str]], dict[str, int]] = {}
 
     def rank(self, route: str, identity: str) -> int:
         ranks = self._ranks.get(route)
         if ranks is None:
             order = sorted(self.identities, key=lambda name: rendezvous(route, name), reverse=True)
             ranks = self._ranks[route] = {name: index for index, name in enumerate(order)}
+        return ranks.get(identity, len(self.identities))
+
+    def rank_among(self, route: str, identity: str, eligible: frozenset[str]) -> int:
+        """``rank`` counting only the ``eligible`` identities (the workers that can run a job):
+        a set's owners are chosen among those."""
+        ranks = self._among.get((route, eligible))
+        if ranks is None:
+            self.rank(route, identity)
+            order = sorted(self._ranks[route], key=self._ranks[route].__getitem__)
+            ranks = {name: index for index, name in enumerate(name for name in order if name in eligible)}
+            self._among[(route, eligible)] = ranks
         return ranks.get(identity, len(self.identities))
 
 
@@ -97,7 +119,7 @@ def choose_route(
     holders: Mapping[str, int],
     workers: int,
     fair_ms: float,
-    owners: Owners | None = None,
+    owners: Ranks | None = None,
 ) -> Take | None:
     """Where ``worker`` should take its next job from; None when it should wait.
 
@@ -168,20 +190,145 @@ def last_resort(window: list[str | None], pending: PendingIndex, holders: Mappin
     return Take(best[1]) if best else None
 
 
+class Cards:
+    """What the policy knows of the fleet's cards: each identity's capability, as rounds show them.
+
+    A job is *restricted* when some known card cannot run it (``Capability.fits``); only then do
+    its set's holders and owners need counting one by one. Answers are memoized per shape object
+    and forgotten when the fleet's cards change.
+    """
+
+    def __init__(self) -> None:
+        self.by_identity: dict[str, Capability | None] = {}
+        self._kinds: list[Capability] = []  # the distinct capabilities
+        self._restricted: dict[int, tuple[JobShape, bool]] = {}
+        self._eligible: dict[int, tuple[JobShape, frozenset[str]]] = {}
+        self._runs_every: dict[int, tuple[Capability, PendingIndex, int]] = {}
+        self._canonical: dict[Capability, Capability] = {}
+        self._canonical_ids: dict[int, tuple[Capability, Capability]] = {}
+
+    def learn(self, workers: Iterable[WorkerState]) -> None:
+        changed = False
+        for worker in workers:
+            known = self.by_identity.get(worker.identity, self)
+            if known is worker.capability or (known is not self and known == worker.capability):
+                continue
+            self.by_identity[worker.identity] = worker.capability
+            changed = True
+        if changed:
+            kinds = {capability for capability in self.by_identity.values() if capability is not None}
+            self._kinds = sorted(kinds, key=lambda capability: (capability.job_bytes or 0, capability.speed))
+            self._restricted.clear()
+            self._eligible.clear()
+
+    def canonical(self, capability: Capability) -> Capability:
+        """The first capability object seen of ``capability``'s value."""
+        known = self._canonical_ids.get(id(capability))
+        if known is not None and known[0] is capability:
+            return known[1]
+        if len(self._canonical_ids) >= MEMO_MAX:  # new objects every round on the farm
+            self._canonical_ids.clear()
+        if len(self._canonical) >= MEMO_MAX:
+            self._canonical.clear()
+        canonical = self._canonical.setdefault(capability, capability)
+        self._canonical_ids[id(capability)] = (capability, canonical)
+        return canonical
+
+    def runs_every(self, capability: Capability, index: PendingIndex) -> bool:
+        """Whether ``capability`` can run every job pending in ``index`` (remembered until a shape
+        not pending there joins it)."""
+        known = self._runs_every.get(id(capability))
+        if known is not None and known[0] is capability and known[1] is index and known[2] == index.shapes_added:
+            return True
+        if any(not fits(capability, shape) for shape in index.shapes()):
+            return False
+        if len(self._runs_every) >= MEMO_MAX:  # the farm makes new capability objects every round
+            self._runs_every.clear()
+        self._runs_every[id(capability)] = (capability, index, index.shapes_added)
+        return True
+
+    def restricted(self, job: PendingJob) -> bool:
+        """Whether some card of the fleet cannot run ``job``."""
+        shape = job.shape
+        if shape is None:
+            return False
+        known = self._restricted.get(id(shape))
+        if known is not None and known[0] is shape:
+            return known[1]
+        answer = any(not fits(capability, shape) for capability in self._kinds)
+        self._remember(self._restricted, shape, answer)
+        return answer
+
+    def eligible(self, shape: JobShape) -> frozenset[str]:
+        """The identities whose card can run ``shape`` (a worker without a capability runs anything)."""
+        known = self._eligible.get(id(shape))
+        if known is not None and known[0] is shape:
+            return known[1]
+        answer = frozenset(
+            identity
+            for identity, capability in self.by_identity.items()
+            if capability is None or fits(capability, shape)
+        )
+        self._remember(self._eligible, shape, answer)
+        return answer
+
+    @staticmethod
+    def _remember(memo: dict[int, tuple[JobShape, _T]], shape: JobShape, answer: _T) -> None:
+        if len(memo) >= MEMO_MAX:  # the farm makes new shape objects every round
+            memo.clear()
+        memo[id(shape)] = (shape, answer)
+
+
+MEMO_MAX = 65_536
+
+
+class _CapableOwners:
+    """A set's owners among the workers that can run its next job in ``index`` (rule 2)."""
+
+    def __init__(self, owners: Owners, index: PendingIndex, cards: Cards) -> None:
+        self.owners, self.index, self.cards = owners, index, cards
+
+    def rank(self, route: str, identity: str) -> int:
+        head = self.index.queues[route][0]
+        if head.shape is not None and self.cards.restricted(head):
+            return self.owners.rank_among(route, identity, self.cards.eligible(head.shape))
+        return self.owners.rank(route, identity)
+
+
 class _Holders(Mapping[str, int]):
-    """Holders of each route that may take its next job in ``index``: not those kept off its campaign.
+    """Holders of each route that may take its next job in ``index``: not those kept off its
+    campaign, nor (on a mixed fleet) those whose card cannot run it.
 
     Without this, a job whose only holder is blocklisted from its campaign waits for ever: the
     holder never takes it, and every other worker sees its set as held (and not worth rebuilding).
+    The same for a job too big for every card that holds its set: the set is "wanted", and a card
+    that can run the job builds it.
     """
 
-    def __init__(self, round: Round, index: PendingIndex) -> None:
-        self.round, self.index = round, index
+    def __init__(self, round: Round, index: PendingIndex, cards: Cards | None) -> None:
+        self.round, self.index, self.cards = round, index, cards
 
     def __getitem__(self, route: str) -> int:
-        count = self.round.holders[route]
+        count: int | None = self.get(route)
+        if count is None:
+            raise KeyError(route)
+        return count
+
+    def get(self, route: str, default: Any = None) -> Any:  # rule 2 asks for every set in the window
+        count: int | None = self.round.holders.get(route)
+        if count is None:
+            return default
         queue = self.index.queues.get(route)
-        kept_off = self.round.kept_off(queue[0]) if queue else frozenset()
+        if not queue:
+            return count
+        head = queue[0]
+        kept_off = self.round.kept_off(head) if self.round.exclusions else NOBODY
+        if self.cards is not None and self.cards.restricted(head):
+            # Counted one by one, busy workers too (``Round.fleet``): only those that can run it.
+            fleet = self.round.workers if self.round.fleet is None else self.round.fleet
+            return sum(
+                1 for state in fleet if route in state.holds and state.identity not in kept_off and state.can_run(head)
+            )
         if kept_off:
             count -= sum(1 for state in self.round.workers if route in state.holds and state.identity in kept_off)
         return count
@@ -194,42 +341,75 @@ class _Holders(Mapping[str, int]):
 
 
 class _Choices:
-    """What each worker may choose from this round: the pending index, less its blocked campaigns.
+    """What each worker may choose from this round: the pending jobs its card can run, less its
+    blocked campaigns.
 
-    A worker kept off campaigns sees a filtered copy of the index (one per distinct set of blocked
-    campaigns, made once a round); every job taken comes out of the real index and of every copy,
-    so they stay in step. With no exclusions, every worker sees the real index itself.
+    On a mixed fleet a worker whose card cannot run some pending job sees the index's view of the
+    jobs it can (``PendingIndex.view``, one per capability, kept in step by the index itself, from
+    round to round where the index lives on). A worker kept off campaigns sees a filtered copy of
+    that (one per distinct set of blocked campaigns, made once a round); every job taken comes out
+    of the real index, its views and every copy, so they stay in step. With no exclusions and no
+    capabilities, every worker sees the real index itself.
     """
 
-    def __init__(self, round: Round) -> None:
-        self.round = round
-        self._views: dict[frozenset[str], PendingIndex] = {}
+    def __init__(self, round: Round, cards: Cards | None) -> None:
+        self.round, self.cards = round, cards
+        self._views: dict[tuple[int, frozenset[str]], PendingIndex] = {}
+        self._runnable: dict[int, PendingIndex] = {}  # by id of the capability, for this round
 
     def for_worker(self, worker: WorkerState) -> PendingIndex:
+        index = self.round.pending
+        if self.cards is not None and worker.capability is not None:
+            index = self._runnable_by(worker.capability, self.cards)
         if not self.round.exclusions:
-            return self.round.pending
+            return index
         blocked = self.round.blocked(worker)
         if not blocked:
-            return self.round.pending
-        view = self._views.get(blocked)
+            return index
+        view = self._views.get((id(index), blocked))
         if view is None:
-            view = self._views[blocked] = self.round.pending.excluding(blocked)
+            view = self._views[(id(index), blocked)] = index.excluding(blocked)
         return view
+
+    def _runnable_by(self, capability: Capability, cards: Cards) -> PendingIndex:
+        """The jobs ``capability`` can run: the index itself while it can run every pending one."""
+        index = self._runnable.get(id(capability))
+        if index is None:
+            pending = self.round.pending
+            # One view per distinct capability, by value (the farm's workers each bring their own
+            # object), looked up by the identity of the first object of that value (the view's
+            # filter keeps it alive, so its id stays its own).
+            capability = cards.canonical(capability)
+            key = ("capability", id(capability))
+            view = pending.existing_view(key)
+            if view is None and not cards.runs_every(capability, pending):
+                view = pending.view(key, _runs(capability))
+            index = self._runnable[id(capability)] = pending if view is None else view
+        return index
 
     def holders(self, index: PendingIndex) -> Mapping[str, int]:
         """The holder counts a worker choosing from ``index`` goes by."""
-        return _Holders(self.round, index) if self.round.exclusions else self.round.holders
+        if self.round.exclusions or self.cards is not None:
+            return _Holders(self.round, index, self.cards)
+        return self.round.holders
 
     def take(self, index: PendingIndex, route: str | None) -> PendingJob:
         """The oldest job of ``route`` in ``index``, taken out of the round."""
         if index is self.round.pending and not self._views:
-            return index.pop(route)  # no copies to keep in step
+            return index.pop(route)  # no copies to keep in step (the index updates its own views)
         job = index.queues[route][0]
         self.round.pending.remove(job)
-        for blocked, view in self._views.items():
-            if job.campaign not in blocked:
+        for view in self._views.values():
+            if view.holds(job):
                 view.remove(job)
         return job
+
+
+def _runs(capability: Capability) -> Callable[[PendingJob], bool]:
+    def accepts(job: PendingJob) -> bool:
+        return job.shape is None or fits(capability, job.shape)
+
+    return accepts
 
 
 class AffinityPolicy(Policy):
@@ -245,6 +425,7 @@ class AffinityPolicy(Policy):
     def __init__(self, identities: Iterable[str] | None = None) -> None:
         self._fixed = identities is not None
         self._owners = Owners(identities or ())
+        self._cards = Cards()
 
     def owners(self, workers: list[WorkerState]) -> Owners:
         if not self._fixed:
@@ -262,7 +443,12 @@ class AffinityPolicy(Policy):
         pending, size = round.pending, round.farm_size or len(round.workers)
         queued = sum(w.queued_ms for w in round.workers) if round.farm_queued_ms is None else round.farm_queued_ms
         owners = self.owners(round.workers)
-        choices = _Choices(round)
+        # A mixed fleet: some worker's card cannot run every job, or runs at its own speed.
+        cards: Cards | None = None
+        if round.fleet is not None or any(worker.capability is not None for worker in round.workers):
+            cards = self._cards
+            cards.learn(round.workers)  # every worker is in some round before it holds anything
+        choices = _Choices(round, cards)
         decisions: list[Decision] = []
         progress = True
         while progress and pending:
@@ -273,15 +459,27 @@ class AffinityPolicy(Policy):
             # past rule 1 the answer does not depend on the worker unless it finds something, so
             # the others holding nothing pending are not asked again (hundreds of idle workers).
             idle: set[int] = set()
+            firsts: set[int] = set()  # on a mixed fleet: the views whose least-loaded free worker came
             for position, worker in enumerate(free):
-                # The least-loaded free worker is never over the cap: were every free worker over it
-                # (the mean counts busy workers too), nobody would take anything.
-                if not pending or worker.free_slots <= 0 or (position and over_cap(worker, mean_ms)):
+                if not pending or worker.free_slots <= 0:
                     continue
-                index = choices.for_worker(worker)
+                # The least-loaded free worker is never over the cap: were every free worker over it
+                # (the mean counts busy workers too), nobody would take anything. On a mixed fleet,
+                # the least-loaded of each view (the workers that can run the same jobs): else a
+                # job only some cards can run would wait while each of them is over the cap.
+                if cards is None:
+                    if position and over_cap(worker, mean_ms):
+                        continue
+                    index = choices.for_worker(worker)
+                else:
+                    index = choices.for_worker(worker)
+                    if id(index) in firsts and over_cap(worker, mean_ms):
+                        continue
+                    firsts.add(id(index))
                 if id(index) in idle and not holds_pending(worker, index):
                     continue
-                take = choose_route(worker, index, choices.holders(index), size, fair_ms, owners)
+                ranks: Ranks = owners if cards is None else _CapableOwners(owners, index, cards)
+                take = choose_route(worker, index, choices.holders(index), size, fair_ms, ranks)
                 if take is None:
                     idle.add(id(index))
                     continue

@@ -10,12 +10,15 @@ this interface only, so the figures the simulator prints are those of the code t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from kleinfarm.shared.costmodel import to_ms, to_s
 from kleinfarm.shared.routing.pending import PendingIndex, PendingJob
+
+if TYPE_CHECKING:
+    from kleinfarm.shared.capacity import Capability, JobShape
 
 NOBODY: frozenset[str] = frozenset()
 
@@ -29,7 +32,61 @@ __all__ = [
     "Round",
     "WorkerState",
     "commit",
+    "fits",
+    "own_ms",
+    "runnable",
 ]
+
+
+# Capability.fits memoized, first by object identity: a trace shares one shape object per shape,
+# and a fleet one capability per kind of card, so a look-up costs two ids. Each entry keeps both
+# objects alive, so an id is never reused while its entry stands. Then by value: the farm's
+# dispatcher makes new objects every round, and hashing them (~3 us) is cheaper than the
+# estimate (~12 us). Both start again when full, rather than grow for ever.
+_FITS: dict[tuple[int, int], tuple[Capability, JobShape, bool]] = {}
+_FITS_BY_VALUE: dict[tuple[Capability, JobShape], bool] = {}
+_FITS_MAX = 65_536
+
+
+def fits(capability: Capability, shape: JobShape) -> bool:
+    """``capability.fits(shape)``, memoized."""
+    key = (id(capability), id(shape))
+    known = _FITS.get(key)
+    if known is not None and known[0] is capability and known[1] is shape:
+        return known[2]
+    answer = _FITS_BY_VALUE.get((capability, shape))
+    if answer is None:
+        if len(_FITS_BY_VALUE) >= _FITS_MAX:
+            _FITS_BY_VALUE.clear()
+        answer = _FITS_BY_VALUE[(capability, shape)] = capability.fits(shape)
+    if len(_FITS) >= _FITS_MAX:
+        _FITS.clear()
+    _FITS[key] = (capability, shape, answer)
+    return answer
+
+
+def own_ms(nominal_ms: int, speed: float) -> int:
+    """Cost-model milliseconds as a worker of ``speed`` spends them, in whole milliseconds.
+
+    A positive cost stays positive (``to_ms``), so a worker with work queued always counts as
+    loaded; the same integer is added and later taken away, so sums still come back to zero.
+    """
+    if speed == 1.0 or nominal_ms <= 0:
+        return nominal_ms
+    return to_ms(to_s(nominal_ms) / speed)
+
+
+def runnable(workers: list[WorkerState], shape: JobShape) -> list[WorkerState]:
+    """Those of ``workers`` whose card can run ``shape``: one answer per distinct capability (a
+    fleet has a few kinds of card), not one per worker."""
+    verdicts: dict[int, bool] = {}
+    for worker in workers:
+        capability = worker.capability
+        if capability is not None and id(capability) not in verdicts:
+            verdicts[id(capability)] = fits(capability, shape)
+    if all(verdicts.values()):
+        return workers
+    return [w for w in workers if w.capability is None or verdicts[id(w.capability)]]
 
 
 @dataclass(init=False)
@@ -38,15 +95,20 @@ class WorkerState:
 
     Its queued work is kept in whole milliseconds (``queued_ms``): the simulator adds and takes
     away estimates for hours, and only integer sums come back to exactly zero. It is built from
-    seconds, the unit callers have.
+    seconds, the unit callers have. Both are the worker's own time: a job's cost-model seconds
+    divided by its ``speed``, so a fast card with the same work queued frees sooner.
+
+    ``capability`` (``shared/capacity.py``, from its heartbeat) says which jobs fit its card and
+    how fast it is; None: it runs anything, at the cost model's speed (1.0).
     """
 
     worker_id: str
     identity: str  # stable across restarts: rendezvous order, hash ring, exclusions
-    queued_ms: int  # work handed to it and not finished
+    queued_ms: int  # work handed to it and not finished, in its own time
     free_slots: int
     holds: set[str]  # routes cached or already handed to it
     queued_jobs: int  # jobs handed to it and not finished: the push baselines count jobs, not seconds
+    capability: Capability | None
 
     def __init__(
         self,
@@ -56,16 +118,29 @@ class WorkerState:
         free_slots: int,
         holds: set[str] | None = None,
         queued_jobs: int = 0,
+        capability: Capability | None = None,
     ) -> None:
         self.worker_id, self.identity = worker_id, identity
         self.queued_ms = to_ms(queued_s)
         self.free_slots = free_slots
         self.holds = set() if holds is None else holds
         self.queued_jobs = queued_jobs
+        self.capability = capability
 
     @property
     def queued_s(self) -> float:
         return to_s(self.queued_ms)
+
+    @property
+    def speed(self) -> float:
+        """Cost-model seconds it renders per second (1.0 without a capability)."""
+        return 1.0 if self.capability is None else self.capability.speed
+
+    def can_run(self, job: PendingJob) -> bool:
+        """Whether ``job`` fits this worker's card (a job without a shape, or a worker without a
+        capability: yes)."""
+        capability, shape = self.capability, job.shape
+        return capability is None or shape is None or fits(capability, shape)
 
 
 @dataclass(frozen=True)
@@ -89,6 +164,8 @@ class Round:
     counts, per route, the workers holding it or already handed a job of it. ``farm_size`` and
     ``farm_queued_ms`` describe the whole farm when ``workers`` are only its free part (by default,
     these workers). ``exclusions`` maps a campaign id to the worker identities kept off it.
+    ``fleet``: every worker of the farm, busy ones too, when ``workers`` are only the free ones
+    and some have a capability: who holds a set *and can run* a job of it (by default, ``workers``).
     """
 
     pending: PendingIndex
@@ -97,6 +174,7 @@ class Round:
     farm_size: int | None = None
     farm_queued_ms: int | None = None
     exclusions: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    fleet: Sequence[WorkerState] | None = None
 
     def blocked(self, worker: WorkerState) -> frozenset[str]:
         """The campaigns ``worker`` must not be given a job of."""
@@ -123,8 +201,11 @@ class Policy(ABC):
 
 
 def commit(worker: WorkerState, job: PendingJob, holders: dict[str, int]) -> Decision:
-    """Count the job against the worker: its seconds, its slot, and the set it will now hold."""
+    """Count the job against the worker: its seconds (the worker's own), its slot, and the set it
+    will now hold."""
     cost = job.work_ms + (0 if job.route is None or job.route in worker.holds else job.build_ms)
+    if worker.capability is not None:
+        cost = own_ms(cost, worker.capability.speed)
     if job.route is not None and job.route not in worker.holds:
         worker.holds.add(job.route)
         holders[job.route] = holders.get(job.route, 0) + 1
@@ -138,8 +219,8 @@ class PerJobPolicy(Policy):
     """A policy that places each pending job on its own, oldest first: the push baselines.
 
     Pushed at arrival (the simulator's push mode: a one-job round, every worker with room), or
-    pulled by the farm's rounds, the job goes to one of the workers that have a free slot and are
-    not kept off its campaign; a job with no such worker stays pending.
+    pulled by the farm's rounds, the job goes to one of the workers that have a free slot, can run
+    it and are not kept off its campaign; a job with no such worker stays pending.
     """
 
     def assign(self, round: Round) -> list[Decision]:
@@ -150,6 +231,8 @@ class PerJobPolicy(Policy):
                 candidates = [w for w in round.workers if w.free_slots > 0 and w.identity not in kept_off]
             else:  # the usual case, once per job and worker in the simulator: keep it lean
                 candidates = [w for w in round.workers if w.free_slots > 0]
+            if job.shape is not None:
+                candidates = runnable(candidates, job.shape)
             if not candidates:
                 continue
             worker = self.choose(job, candidates)
