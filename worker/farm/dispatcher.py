@@ -24,6 +24,7 @@ from redis.exceptions import LockError, RedisError
 
 from kleinfarm.shared import keys
 from kleinfarm.shared.broker import EDIT_TASK, GENERATE_TASK
+from kleinfarm.shared.capacity import JobShape
 from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.registry import Registry, WorkerView
 from kleinfarm.shared.routing import AffinityPolicy, PendingIndex, PendingJob, Policy, Round, WorkerState
@@ -113,7 +114,9 @@ class Dispatcher:
         if not job_ids:
             return 0
         dispatched = 0
-        for decision in self.policy.assign(self._round(job_ids, views)):
+        round = self._round(job_ids, views)
+        self._say_why_jobs_wait(round, views)
+        for decision in self.policy.assign(round):
             view = views[decision.worker.worker_id]
             attempt = self.state.assign(decision.job.job_id, view.worker_id, decision.cost_s)
             if attempt:
@@ -130,10 +133,39 @@ class Dispatcher:
             self.registry.give_back(job_id, worker.worker_id, reason, Move.RECOVER, attempt)
             raise
 
+    def _say_why_jobs_wait(self, round: Round, views: dict[str, WorkerView]) -> None:
+        """Mark each campaign in the window with the jobs no live worker's card can run, or clear it.
+
+        Such a job stays pending (never failed, never handed to a card that would fail it) and runs
+        once a worker that can run it joins."""
+        capabilities = {view.report.engine.capability for view in views.values()}
+        runnable: dict[JobShape, bool] = {}
+        waiting: dict[str, str] = {}
+        campaigns: set[str] = set()
+        for job in round.pending.jobs():
+            if job.campaign is None:
+                continue
+            campaigns.add(job.campaign)
+            if job.shape is None or job.campaign in waiting:
+                continue
+            if job.shape not in runnable:
+                runnable[job.shape] = any(cap is None or cap.fits(job.shape) for cap in capabilities)
+            if not runnable[job.shape]:
+                waiting[job.campaign] = f"waiting: no live worker can run {job.shape.describe()}"
+        pipe = self.state.redis.pipeline(transaction=False)
+        for campaign in campaigns:
+            if campaign in waiting:
+                pipe.hset(keys.campaign(campaign), "waiting", waiting[campaign])
+            else:
+                pipe.hdel(keys.campaign(campaign), "waiting")
+        pipe.execute()
+
     def _round(self, job_ids: list[str], views: dict[str, WorkerView]) -> Round:
         """The policy's whole input: the queue's head, the workers, who holds what, who is kept off what."""
         pending_jobs = [
-            PendingJob(job_id, info.route, info.work_s, info.build_s, info.priority, keys.campaign_of(job_id))
+            PendingJob(
+                job_id, info.route, info.work_s, info.build_s, info.priority, keys.campaign_of(job_id), shape=info.shape
+            )
             if info
             else PendingJob(job_id, None, 1.0, 0.0, 0, keys.campaign_of(job_id))  # no routing record: like a generate
             for job_id, info in zip(job_ids, self.state.routing(job_ids), strict=True)
@@ -149,7 +181,9 @@ class Dispatcher:
     def _worker_state(self, view: WorkerView) -> WorkerState:
         """Holdings: what the worker reports cached, plus the sets of the jobs already handed to it."""
         handed = [info.route for info in self.state.routing(list(view.assigned)) if info and info.route]
-        return WorkerState(view.worker_id, view.identity, view.queued_s, view.room, view.routes | set(handed))
+        holds = view.routes | set(handed)
+        capability = view.report.engine.capability
+        return WorkerState(view.worker_id, view.identity, view.queued_s, view.room, holds, capability=capability)
 
     def publish(self, job_id: str, attempt: int, worker: WorkerView) -> None:
         """Send the job as a Celery task to the worker's queue, with arguments Flower can show."""
