@@ -117,6 +117,10 @@ WORKERS = f"{PREFIX}:workers"
 # hash identity (host and card) -> the worker_id serving it now. Written by heartbeats, so a
 # restarted card retires its previous process at once.
 IDENTITIES = f"{PREFIX}:identities"
+# set of identities an operator drained (``kleinfarm worker drain``): such a worker reports no free
+# slot, so the dispatcher hands it nothing, and gives back a job that reaches it; kept across its
+# restarts until ``kleinfarm worker undrain``.
+DRAINING = f"{PREFIX}:draining"
 
 
 def worker(worker_id: str) -> str:

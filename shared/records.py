@@ -224,7 +224,8 @@ class WorkerReport(_Report):
     identity: str
     queue: str
     pid: int
-    slots: int = 2
+    slots: int = 2  # 0 while draining: the dispatcher hands it nothing
+    draining: bool = False
     device: str = ""
     gpu: int | None = None
     model: str = ""

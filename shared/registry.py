@@ -84,6 +84,21 @@ class Registry:
         pipe.hset(keys.IDENTITIES, report.identity, worker_id)
         pipe.execute()
 
+    def drain(self, identity: str, draining: bool = True) -> None:
+        """Keep ``identity`` from taking jobs (or let it take them again): read by its heartbeat and tasks."""
+        if draining:
+            self.redis.sadd(keys.DRAINING, identity)
+        else:
+            self.redis.srem(keys.DRAINING, identity)
+
+    def is_draining(self, identity: str) -> bool:
+        return bool(self.redis.sismember(keys.DRAINING, identity))
+
+    def holder(self, identity: str) -> str | None:
+        """The worker id that registered ``identity`` last, if any."""
+        holder = self.redis.hget(keys.IDENTITIES, identity)
+        return str(holder) if holder else None
+
     def live_ids(self) -> set[str]:
         """Workers whose last heartbeat is within the lapse, by the Redis clock."""
         since = self.state.server_time() - self.lapse_s

@@ -25,6 +25,9 @@ class FarmSettings(BaseSettings):
     output_prefix: str = "kleinfarm"
 
     model: str = DEFAULT_MODEL
+    # A Hub branch, tag or (best) commit of ``model``, passed to from_pretrained(revision=...), so
+    # every worker of the farm renders with the same weights; None = the default branch.
+    model_revision: str | None = None
     gpu: int | None = Field(default=None, description="CUDA device index the worker pins; None = CPU")
     worker_name: str | None = Field(
         default=None, description="identity of this worker's card, stable across restarts (default: host and GPU)"
@@ -42,6 +45,9 @@ class FarmSettings(BaseSettings):
     kv_device_budget_mb: int | None = None
     kv_host_budget_mb: int | None = None
     prompt_cache_mb: int | None = None
+    # Workers sharing this machine's (or container's) memory: each takes this share of it for its
+    # host-side caches (one container per card, each with its own memory limit: leave 1).
+    host_workers: int = Field(default=1, ge=1)
     cache_dir: Path = Path.home() / ".cache" / "kleinfarm"
     # Bytes of checked reference images a worker keeps on disk (under cache_dir), least recently
     # used evicted first; workers sharing the folder share the budget.
@@ -65,6 +71,9 @@ class FarmSettings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
 
     metrics_port: int | None = Field(default=None, description="worker's Prometheus port; 0 picks a free one")
+
+    # "json": one JSON object per log line, carrying the worker, campaign and job ids.
+    log_format: Literal["text", "json"] = "text"
 
     heartbeat_s: float = 2.0
     worker_lapse_s: float = 10.0

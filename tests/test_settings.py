@@ -17,7 +17,15 @@ def test_every_setting_the_deploy_example_names_exists_and_parses() -> None:
     fields = {f"KLEINFARM_{name.upper()}" for name in FarmSettings.model_fields}
     assert names and not set(names) - fields
     settings = FarmSettings.from_env(EXAMPLE)
-    assert settings.s3_endpoint_url == "http://minio:9000" and settings.worker_lapse_s == 10
+    assert settings.model_revision == "main" and settings.worker_lapse_s == 10
+
+
+def test_the_deploy_example_holds_no_credential_or_address_compose_derives() -> None:
+    """Compose derives these from deploy/.env: a second copy here is one that can disagree."""
+    names = {line.split("=", 1)[0] for line in EXAMPLE.read_text().splitlines() if line and not line.startswith("#")}
+    derived = {"KLEINFARM_REDIS_URL", "KLEINFARM_S3_ENDPOINT_URL", "KLEINFARM_S3_ACCESS_KEY_ID"}
+    derived |= {"KLEINFARM_S3_SECRET_ACCESS_KEY", "KLEINFARM_FLOWER_BASIC_AUTH"}
+    assert names and not names & derived
 
 
 def test_the_environment_overrides_the_env_file(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,9 +33,21 @@ def test_the_environment_overrides_the_env_file(monkeypatch: pytest.MonkeyPatch)
     assert FarmSettings.from_env(EXAMPLE).s3_bucket == "from-env"
 
 
-def test_secrets_do_not_show_in_the_settings_repr() -> None:
+def test_secrets_do_not_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KLEINFARM_S3_SECRET_ACCESS_KEY", "change-me-secret")
+    monkeypatch.setenv("KLEINFARM_FLOWER_BASIC_AUTH", "admin:change-me-password")
     settings = FarmSettings.from_env(EXAMPLE)
+    assert settings.s3_secret_access_key is not None and settings.flower_basic_auth is not None
     assert "change-me" not in repr(settings)
+
+
+def test_the_new_deploy_settings_parse_and_are_checked() -> None:
+    settings = FarmSettings(model_revision="0123abc", host_workers="2", log_format="json")  # type: ignore[arg-type]
+    assert (settings.model_revision, settings.host_workers, settings.log_format) == ("0123abc", 2, "json")
+    with pytest.raises(ValidationError):
+        FarmSettings(host_workers=0)
+    with pytest.raises(ValidationError):
+        FarmSettings(log_format="xml")  # type: ignore[arg-type]
 
 
 def test_every_deploy_file_parses_and_names_only_real_settings() -> None:
@@ -38,7 +58,7 @@ def test_every_deploy_file_parses_and_names_only_real_settings() -> None:
     deploy = EXAMPLE.parent
     fields = {f"KLEINFARM_{name.upper()}" for name in FarmSettings.model_fields}
     named: set[str] = set()
-    for path in [deploy / "docker-compose.yml", *sorted((deploy / "k8s").glob("*.yaml"))]:
+    for path in [deploy / "docker-compose.yml", *sorted((deploy / "k8s").rglob("*.yaml"))]:
         documents = list(yaml.safe_load_all(path.read_text()))
         assert documents and all(isinstance(document, dict) for document in documents), path
         named |= set(re.findall(r"KLEINFARM_[A-Z0-9_]+", path.read_text()))

@@ -48,6 +48,7 @@ class WorkerContext:
     # Routing key -> the content key its references were cached under.
     routes: dict[str, str] = field(default_factory=dict)
     speed: SpeedMeter = field(default_factory=lambda: SpeedMeter(1.0))
+    registered: bool = False  # a heartbeat has registered this worker's identity
 
     def held_routes(self) -> list[str]:
         """Routing keys whose reference K/V this worker holds now, in either tier."""

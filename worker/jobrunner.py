@@ -27,6 +27,7 @@ from kleinfarm.shared.control import CampaignControl
 from kleinfarm.shared.errors import JobCancelledError, KleinfarmError, OutputConflictError, TransientError
 from kleinfarm.shared.jobs import EditJob, GenerateJob, Job
 from kleinfarm.shared.locators import redact
+from kleinfarm.shared.logs import log_context
 from kleinfarm.shared.manifest import output_key, write_manifest
 from kleinfarm.shared.records import JobRecord
 from kleinfarm.shared.states import JobState, Move
@@ -83,7 +84,13 @@ def classify(error: BaseException) -> Fault:
 
 def run_job(context: WorkerContext, job_id: str, attempt: int, send_event: EventSender) -> str:
     """Run ``job_id`` if this delivery still holds its attempt; return the job's state after it."""
-    with HELD.holding(job_id):  # the heartbeat tells the reconciler this job is in hand
+    if context.registry.is_draining(context.identity):
+        # Drained after the dispatcher chose it: back to the queue (only if still this attempt with
+        # this worker), for a worker that takes jobs; the one it is running goes on to its end.
+        context.registry.give_back(job_id, context.worker_id, "worker draining", attempt=attempt)
+        log.info("draining: gave %s back to the queue", job_id)
+        return JobState.PENDING
+    with HELD.holding(job_id), log_context(campaign=keys.campaign_of(job_id), job=job_id):
         state, worker, started = context.state, context.worker_id, time.time()
         claim = state.move(
             job_id, Move.CLAIM, JobState.RUNNING, if_attempt=attempt, if_worker=worker, fields={"started": str(started)}

@@ -6,12 +6,9 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from kleinfarm.shared.logs import configure_logging, set_log_context
 from kleinfarm.shared.settings import FarmSettings
-
-if TYPE_CHECKING:
-    from kleinfarm.worker.engine import CacheBudgets
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +27,11 @@ def run_worker(
     overrides = {"model": model, "gpu": gpu, "profile": profile}
     settings = settings.model_copy(update={key: value for key, value in overrides.items() if value is not None})
     pin_gpu(settings.gpu)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)
+    # Before the model load: a cache it cannot write or storage it cannot use fails now, in one line.
+    from kleinfarm.worker.preflight import preflight
+
+    preflight(settings)
 
     # Imported only now: torch must not initialise CUDA before the card is pinned.
     from kleinfarm.shared.broker import make_celery
@@ -40,15 +41,17 @@ def run_worker(
     from kleinfarm.worker.engine import RenderEngine
     from kleinfarm.worker.farm.dispatcher import Dispatcher
     from kleinfarm.worker.farm.heartbeat import beat_until
+    from kleinfarm.worker.hostmem import apply_budgets
     from kleinfarm.worker.tasks import register_tasks
 
     card_bytes = settings.card_memory_mb << 20 if settings.card_memory_mb else None
     device = "cuda" if settings.gpu is not None else None
-    engine = RenderEngine.load(
-        settings.model, device, budgets_from(settings), settings.profile, card_bytes, settings.fp8
-    )
+    engine = RenderEngine.load(model_source(settings), device, None, settings.profile, card_bytes, settings.fp8)
+    engine.model = model_label(settings)
+    apply_budgets(engine, settings)
     ctx = WorkerContext.build(settings, engine, settings.worker_name or default_identity(settings.gpu))
     context.install(ctx)
+    set_log_context(worker=ctx.worker_id, identity=ctx.identity)
     if settings.metrics_port is not None:
         from kleinfarm.worker.metrics import WorkerMetrics
 
@@ -90,12 +93,16 @@ def run_worker(
         log.info("worker %s stopped; %d waiting job(s) handed back", ctx.worker_id, requeued)
 
 
-def budgets_from(settings: FarmSettings) -> CacheBudgets | None:
-    """Budgets set in MiB override the profile's, all three or none."""
-    from kleinfarm.worker.engine import CacheBudgets
+def model_source(settings: FarmSettings) -> str:
+    """What the engine loads: the model as named, or, pinned to ``KLEINFARM_MODEL_REVISION``, the
+    local folder of that revision (diffusers downloads exactly the pipeline's files once)."""
+    if settings.model_revision is None or Path(settings.model).is_dir():
+        return settings.model
+    from diffusers import DiffusionPipeline
 
-    sizes = (settings.kv_device_budget_mb, settings.kv_host_budget_mb, settings.prompt_cache_mb)
-    if any(size is None for size in sizes):
-        return None
-    device, host, prompts = (int(size or 0) << 20 for size in sizes)
-    return CacheBudgets(kv_device=device, kv_host=host, prompts=prompts)
+    return str(DiffusionPipeline.download(settings.model, revision=settings.model_revision))
+
+
+def model_label(settings: FarmSettings) -> str:
+    """How the worker names its model to the farm and in image metadata: ``id@revision`` when pinned."""
+    return f"{settings.model}@{settings.model_revision}" if settings.model_revision else settings.model

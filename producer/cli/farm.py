@@ -13,8 +13,13 @@ from kleinfarm.producer.cli.common import AsJson, EnvFile, app, default_env_file
 WORKER_COLUMNS = ("worker", "device", "profile", "assigned", "KV sets (device/host)", "hits dev/host/miss")
 
 
-@app.command()
+worker_app = typer.Typer(help="Run one GPU worker (one process per card); drain or undrain one.")
+app.add_typer(worker_app, name="worker")
+
+
+@worker_app.callback(invoke_without_command=True)
 def worker(
+    ctx: typer.Context,
     gpu: Annotated[int | None, typer.Option(help="CUDA device index to pin (default: CPU)")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id or local folder (default: KLEINFARM_MODEL)")] = None,
     profile: Annotated[
@@ -23,9 +28,47 @@ def worker(
     env_file: EnvFile = None,
 ) -> None:
     """Run one GPU worker (one process per card)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from kleinfarm.worker.main import run_worker
 
     run_worker(gpu=gpu, model=model, env_file=env_file or default_env_file(), profile=profile)
+
+
+WorkerName = Annotated[str, typer.Argument(help="The worker's name (KLEINFARM_WORKER_NAME, as `workers` shows it)")]
+
+
+@worker_app.command()
+def drain(
+    name: WorkerName,
+    wait: Annotated[bool, typer.Option(help="Return once it holds no job")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most")] = 4 * 3600,
+    env_file: EnvFile = None,
+) -> None:
+    """Stop handing NAME jobs: it finishes the one it runs, gives back any other, and stays loaded."""
+    from kleinfarm.producer.operations import drain_worker
+
+    drain_worker(farm_client(env_file), name, wait, timeout)
+
+
+@worker_app.command()
+def undrain(name: WorkerName, env_file: EnvFile = None) -> None:
+    """Let a drained worker take jobs again."""
+    from kleinfarm.producer.operations import undrain_worker
+
+    undrain_worker(farm_client(env_file), name)
+
+
+@app.command()
+def exporter(
+    port: Annotated[int, typer.Option(help="Port of the Prometheus endpoint")] = 9400,
+    address: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    env_file: EnvFile = None,
+) -> None:
+    """Serve the farm's queue metrics (pending jobs, oldest pending age, live workers) for Prometheus."""
+    from kleinfarm.producer.operations import run_exporter
+
+    run_exporter(farm_client(env_file), port, address)
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kleinfarm.producer.cli.common import app, say
+from kleinfarm.producer.cli.common import EnvFile, app, farm_settings, say
 
 
 @app.command()
@@ -38,3 +38,14 @@ def make_tiny_model(
     from kleinfarm.worker.engine.random_model import make_tiny_model as build
 
     say(f"tiny model written to {build(folder, kv=kv)}")
+
+
+@app.command("fetch-model")
+def fetch_model(env_file: EnvFile = None) -> None:
+    """Download KLEINFARM_MODEL at KLEINFARM_MODEL_REVISION into the Hugging Face cache (HF_HOME), once
+    for every worker sharing it (HF_TOKEN for a gated model, read from the environment, never printed)."""
+    from diffusers import DiffusionPipeline
+
+    settings = farm_settings(env_file)
+    folder = DiffusionPipeline.download(settings.model, revision=settings.model_revision)
+    say(f"{settings.model} at {settings.model_revision or 'its default branch'} is in {folder}")
