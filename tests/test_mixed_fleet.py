@@ -105,6 +105,10 @@ def test_costs_are_counted_in_each_workers_own_seconds() -> None:
     assert slow_costs == [2700, 2333, 2667]  # its first job of "a" builds it there too
     assert fast.queued_ms == sum(fast_costs) and slow.queued_ms == sum(slow_costs)
     assert own_ms(1, 3.0) == 1 and own_ms(0, 3.0) == 0  # never rounded down to nothing
+    assert own_ms(1000, 1e9) == 1
+    for bad in (0.0, -1.0, float("inf"), float("nan")):  # a bad heartbeat figure counts as 1.0
+        assert own_ms(1000, bad) == 1000
+        assert card("odd", Capability(speed=bad)).speed == 1.0
     for cost in fast_costs:  # integers: what is taken away brings it back to exactly zero
         fast.queued_ms -= cost
     assert fast.queued_ms == 0

@@ -9,6 +9,7 @@ this interface only, so the figures the simulator prints are those of the code t
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,11 +70,13 @@ def own_ms(nominal_ms: int, speed: float) -> int:
     """Cost-model milliseconds as a worker of ``speed`` spends them, in whole milliseconds.
 
     A positive cost stays positive (``to_ms``), so a worker with work queued always counts as
-    loaded; the same integer is added and later taken away, so sums still come back to zero.
+    loaded; the same integer is added and later taken away, so sums still come back to zero. A
+    speed that is not a positive, finite number (a heartbeat's bad figure) counts as 1.0: it must
+    not stop the dispatch round.
     """
-    if speed == 1.0 or nominal_ms <= 0:
+    if speed == 1.0 or nominal_ms <= 0 or not 0 < speed < math.inf:
         return nominal_ms
-    return to_ms(to_s(nominal_ms) / speed)
+    return max(to_ms(to_s(nominal_ms) / speed), 1)
 
 
 def runnable(workers: list[WorkerState], shape: JobShape) -> list[WorkerState]:
@@ -133,8 +136,10 @@ class WorkerState:
 
     @property
     def speed(self) -> float:
-        """Cost-model seconds it renders per second (1.0 without a capability)."""
-        return 1.0 if self.capability is None else self.capability.speed
+        """Cost-model seconds it renders per second (1.0 without a capability, or with a speed
+        that is not a positive, finite number)."""
+        speed = 1.0 if self.capability is None else self.capability.speed
+        return speed if 0 < speed < math.inf else 1.0
 
     def can_run(self, job: PendingJob) -> bool:
         """Whether ``job`` fits this worker's card (a job without a shape, or a worker without a
