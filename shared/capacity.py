@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kleinfarm.shared.klein import (
     BF16_BYTES,
@@ -162,7 +162,7 @@ class Capability(BaseModel):
 
     job_bytes: int | None = None  # None: no limit known (a CPU worker without a set card size)
     dims: ModelDims = FULL_SIZE
-    speed: float = 1.0
+    speed: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
     def need(self, shape: JobShape) -> JobNeed:
         return job_need(shape, self.dims)

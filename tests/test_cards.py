@@ -260,3 +260,16 @@ def test_the_rtx4090_layout_with_fp8_compute_replaces_every_block_linear_and_ren
     assert not linears and any(isinstance(module, Fp8Linear) for module in blocks[0].modules())
     engine = RenderEngine(pipeline, "tiny", "cpu", CacheBudgets(1 << 30, 1 << 30, 1 << 20))
     assert torch.isfinite(latents(engine, [A], "fp8 compute", 1).latents).all()
+
+
+def test_a_card_speed_follows_its_own_renders_from_the_nominal_figure() -> None:
+    from kleinfarm.worker.farm.speed import MAX_STEP, SpeedMeter
+
+    meter = SpeedMeter(1.7)
+    for _ in range(40):
+        meter.observe(estimated_s=2.0, measured_s=2.0)  # this card renders at the cost model's pace
+    assert abs(meter.speed - 1.0) < 0.01 and meter.renders == 40
+    meter.observe(estimated_s=2.0, measured_s=1e-6)  # one absurd render moves it at most MAX_STEP-fold
+    assert meter.speed < 1.01 * (1.0 + 0.2 * (MAX_STEP - 1.0))
+    meter.observe(estimated_s=0.0, measured_s=1.0)  # nothing to learn from a job without an estimate
+    assert meter.renders == 41

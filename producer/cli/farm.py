@@ -10,7 +10,16 @@ import typer
 
 from kleinfarm.producer.cli.common import AsJson, EnvFile, app, default_env_file, farm_client, print_table
 
-WORKER_COLUMNS = ("worker", "device", "profile", "assigned", "KV sets (device/host)", "hits dev/host/miss")
+WORKER_COLUMNS = (
+    "worker",
+    "device",
+    "profile",
+    "assigned",
+    "KV sets (device/host)",
+    "hits dev/host/miss",
+    "speed",
+    "job memory",
+)
 
 
 worker_app = typer.Typer(help="Run one GPU worker (one process per card); drain or undrain one.")
@@ -92,7 +101,9 @@ def local(
 
 @app.command()
 def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
-    """Live workers: card, jobs assigned, reference sets cached per tier, cache hits and misses."""
+    """Live workers: card, jobs assigned, reference sets cached per tier, cache hits and misses,
+    measured speed and the memory a job may use on the card (--json: the largest square per reference count)."""
+    from kleinfarm.shared.capacity import gib
     from kleinfarm.shared.registry import Registry
 
     client = farm_client(env_file)
@@ -109,6 +120,8 @@ def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
                 "kv_device": engine.kv.device.keys,
                 "kv_host": engine.kv.host.keys,
                 "kv_stats": engine.kv.stats,
+                "capability": engine.capability.model_dump() if engine.capability else None,
+                "largest_square": engine.capability.limits() if engine.capability else None,
             }
             print(json.dumps(row))
         return
@@ -117,7 +130,10 @@ def workers(as_json: AsJson = False, env_file: EnvFile = None) -> None:
         engine, stats = view.report.engine, view.report.engine.kv.stats
         hits = f"{stats.get('hits_device', 0)}/{stats.get('hits_host', 0)}/{stats.get('misses', 0)}"
         sets = f"{len(engine.kv.device.keys)}/{len(engine.kv.host.keys)}"
-        values = (view.worker_id, view.report.device, engine.profile, view.assigned, sets, hits)
+        card = engine.capability
+        speed = f"{card.speed:.2f}" if card else "-"
+        room = gib(card.job_bytes) if card and card.job_bytes is not None else "no limit"
+        values = (view.worker_id, view.report.device, engine.profile, view.assigned, sets, hits, speed, room)
         rows.append(dict(zip(WORKER_COLUMNS, values, strict=True)))
     print_table(WORKER_COLUMNS, rows)
 
