@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from kleinfarm.producer.uploads import ReferenceUploader, campaign_references, local_references
@@ -22,6 +23,7 @@ from kleinfarm.shared.klein import REFERENCE_MAX_SIDE
 from kleinfarm.shared.locators import parse_locator
 from kleinfarm.shared.manifest import write_manifest
 from kleinfarm.shared.records import CampaignStatus, RoutingInfo
+from kleinfarm.shared.redis_urls import connect
 from kleinfarm.shared.refset import route_key
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.state import FarmState, NewJob
@@ -30,6 +32,7 @@ from kleinfarm.shared.storage import Storage
 COSTS = CostModel()
 # How long the finisher of a campaign's last job gets to write the manifest before a client does.
 MANIFEST_GRACE_S = 10.0
+RECONNECT_WAIT_S = 1.0  # between tries to listen again while Redis is restarting or failing over
 
 
 def revalidate(campaign: Campaign) -> Campaign:
@@ -107,23 +110,33 @@ class CampaignHandle:
         from kleinfarm.producer.progress import CampaignProgress
 
         deadline = None if timeout is None else time.monotonic() + timeout
+        with CampaignProgress(self.id, enabled=progress) as bar:
+            while True:
+                try:
+                    return self._wait_listening(bar, deadline, timeout)
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+                    # A Redis restart or a Sentinel failover: listen again once it answers.
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise FarmTimeoutError(f"campaign {self.id}: Redis unreachable ({error})") from error
+                    time.sleep(RECONNECT_WAIT_S)
+
+    def _wait_listening(self, bar: Any, deadline: float | None, timeout: float | None) -> CampaignStatus:
         pubsub = self.client.state.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.subscribe(keys.campaign_events(self.id))
         try:
-            with CampaignProgress(self.id, enabled=progress) as bar:
-                while True:
-                    status = self.status()
-                    bar.update(status)
-                    if status.done:
-                        return status
-                    if status.finished:
-                        self._finalize_if_orphaned(status)
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise FarmTimeoutError(f"campaign {self.id} not done after {timeout} s: {status.as_dict()}")
-                    # Any transition of this campaign publishes; the timeout only refreshes the bar.
-                    pubsub.get_message(timeout=1.0)
-                    while pubsub.get_message(timeout=0):
-                        pass
+            while True:
+                status = self.status()
+                bar.update(status)
+                if status.done:
+                    return status
+                if status.finished:
+                    self._finalize_if_orphaned(status)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise FarmTimeoutError(f"campaign {self.id} not done after {timeout} s: {status.as_dict()}")
+                # Any transition of this campaign publishes; the timeout only refreshes the bar.
+                pubsub.get_message(timeout=1.0)
+                while pubsub.get_message(timeout=0):
+                    pass
         finally:
             pubsub.close()
 
@@ -172,7 +185,7 @@ class FarmClient:
 
     def __init__(self, settings: FarmSettings) -> None:
         self.settings = settings
-        self.state = FarmState.from_url(settings.redis_url)
+        self.state = FarmState(connect(settings))
         self._storage: Storage | None = None
 
     @classmethod

@@ -236,10 +236,11 @@ def _refuse_local_references(schedule: Schedule) -> None:
 def beat_app(client: FarmClient) -> Any:
     """The Celery app beat and the schedule task run on, with redbeat keeping the schedule in Redis."""
     from kleinfarm.shared.broker import make_celery, redis_tls
+    from kleinfarm.shared.redis_urls import redbeat_settings
 
     app = make_celery(client.settings)
     app.conf.update(
-        redbeat_redis_url=client.settings.redis_url,
+        **redbeat_settings(client.settings),
         redbeat_key_prefix=keys.REDBEAT_PREFIX,
         beat_scheduler="redbeat.RedBeatScheduler",
         beat_max_loop_interval=10,

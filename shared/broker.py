@@ -11,6 +11,7 @@ import ssl
 from celery import Celery
 
 from kleinfarm.shared import keys
+from kleinfarm.shared.redis_urls import celery_transport_options
 from kleinfarm.shared.settings import FarmSettings
 
 GENERATE_TASK = "kleinfarm.generate"
@@ -29,7 +30,10 @@ def make_celery(settings: FarmSettings) -> Celery:
         task_acks_late=True,
         worker_prefetch_multiplier=1,  # prefetch defeats affinity and starves GPU tasks
         task_reject_on_worker_lost=False,  # the registry requeues a lost job, with an attempt limit
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            **celery_transport_options(settings),  # the master's name, when the URL names Sentinels
+        },
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

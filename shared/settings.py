@@ -16,7 +16,10 @@ class FarmSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="KLEINFARM_", extra="ignore")
 
+    # A server (redis://, rediss://) or Sentinels (sentinel://HOST:PORT;sentinel://...): shared/redis_urls.py.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_sentinel_master: str = "kleinfarm"  # the master's name the Sentinels monitor
+    redis_sentinel_password: SecretStr | None = None  # the Sentinels' own requirepass, if any
     s3_endpoint_url: str | None = None
     s3_bucket: str = "kleinfarm"
     s3_region: str = "us-east-1"

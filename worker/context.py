@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kleinfarm.shared import keys
+from kleinfarm.shared.redis_urls import connect
 from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.state import FarmState
@@ -63,7 +64,7 @@ class WorkerContext:
     def build(cls, settings: FarmSettings, engine: RenderEngine, identity: str) -> WorkerContext:
         from kleinfarm.worker.references import ReferenceFetcher
 
-        state = FarmState.from_url(settings.redis_url)
+        state = FarmState(connect(settings))
         storage = Storage.from_settings(settings)
         return cls(
             settings=settings,
