@@ -58,10 +58,16 @@ class ModelDims(BaseModel):
         """The live tensors of one token inside a single-stream block, its largest.
 
         Input and residual (2h), the fused QKV + gated-MLP projection (3h + 2m), the MLP activation
-        (m), the attention output (h), the concatenation fed to the output projection (h + m).
+        (m), the attention output (h), the concatenation fed to the output projection (h + m), and
+        the keys and values joined for attention (2h).
         """
         h, m = self.hidden, self.mlp_hidden
-        return self.dtype_bytes * (2 * h + 3 * h + 2 * m + m + h + h + m)
+        return self.dtype_bytes * (2 * h + 3 * h + 2 * m + m + h + h + m + 2 * h)
+
+    @property
+    def joined_kv_bytes_per_token(self) -> int:
+        """A held reference token inside one block's attention: its K and V joined to the job's."""
+        return 2 * self.hidden * self.dtype_bytes
 
     @property
     def vae_bytes_per_pixel(self) -> int:
@@ -144,10 +150,14 @@ def job_need(shape: JobShape, dims: ModelDims = FULL_SIZE, extract: bool = True)
     """What ``shape`` needs; ``extract`` when its K/V are not held (a miss carries its reference
     tokens through the first pass)."""
     ref_tokens = sum(shape.reference_tokens)
-    sequence = dims.text_tokens + dims.image_tokens(shape.width, shape.height) + (ref_tokens if extract else 0)
+    sequence = dims.text_tokens + dims.image_tokens(shape.width, shape.height)
+    if extract:  # the references' own tokens go through the first pass
+        transformer = (sequence + ref_tokens) * dims.activation_bytes_per_token
+    else:  # held K/V are joined to the job's keys and values in each block's attention
+        transformer = sequence * dims.activation_bytes_per_token + ref_tokens * dims.joined_kv_bytes_per_token
     return JobNeed(
         kv=ref_tokens * dims.kv_bytes_per_token,
-        transformer=_padded(sequence * dims.activation_bytes_per_token),
+        transformer=_padded(transformer),
         encode=_padded(shape.reference_pixels * dims.vae_bytes_per_pixel),
         decode=_padded(shape.width * shape.height * dims.vae_bytes_per_pixel),
     )

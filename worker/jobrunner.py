@@ -134,6 +134,7 @@ def _render_and_store(
     context: WorkerContext, record: JobRecord, job: GenerateJob | EditJob, send_event: EventSender
 ) -> dict[str, str]:
     job_id, campaign_id = record.job_id, record.campaign_id
+    context.engine.prompts.start(job.prompt)  # its own prompt first, encoded while references arrive
     fetch_started = time.perf_counter()
     references = [context.fetcher.fetch(url) for url in getattr(job, "references", [])]
     fetch_s = time.perf_counter() - fetch_started
@@ -179,7 +180,11 @@ def _encode_ahead(context: WorkerContext, job_id: str) -> None:
 
 def _measure_speed(context: WorkerContext, job_id: str, result: ImageResult) -> None:
     """The card's speed: the cost model's seconds for this job over the seconds it took."""
-    info = context.state.routing([job_id])[0]
+    try:
+        info = context.state.routing([job_id])[0]
+    except redis.exceptions.RedisError as error:  # a measurement: never fail a rendered job for it
+        log.warning("no speed measured for %s: %s", job_id, error)
+        return
     if info is None:
         return
     estimated = info.work_s + (info.build_s if result.kv == "miss" else 0.0)

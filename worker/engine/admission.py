@@ -18,9 +18,11 @@ from PIL import Image
 from kleinfarm.shared.capacity import Capability, JobNeed, JobShape, ModelDims, gib, job_need
 from kleinfarm.shared.errors import JobTooLargeError
 from kleinfarm.worker.engine.kv_cache import ReferenceKVCache
+from kleinfarm.worker.engine.streaming import StreamedModule
 
 # Out of memory as CUDA raises it, and as the CPU allocator does (a RuntimeError with this text).
 CPU_OUT_OF_MEMORY = "can't allocate memory"
+FP8_STORAGE = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -56,14 +58,33 @@ def resident_bytes(modules: Iterable[torch.nn.Module], device: torch.device) -> 
 
 
 def card_limit(device: torch.device, override: int | None) -> int | None:
-    """The bytes this worker may use on its card: a set figure, else the allocator's cap on CUDA;
-    None on CPU (no limit known)."""
+    """The bytes this worker may use on its card: a set figure, else, on CUDA, the allocator's cap or
+    what the card has free (the CUDA context and other processes already took their share),
+    whichever is less; None on CPU (no limit known)."""
     if override is not None:
         return override
     if device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
-    return int(total * torch.cuda.get_per_process_memory_fraction(device))
+    free, _total = torch.cuda.mem_get_info(device)
+    capped = int(total * torch.cuda.get_per_process_memory_fraction(device))
+    return min(capped, free + torch.cuda.memory_reserved(device))
+
+
+def held_beside_jobs(transformer: torch.nn.Module, streamer: StreamedModule | None, prompt_bytes: int) -> int:
+    """Card memory that is not resident weights but is held beside any job: two layers of a streamed
+    text encoder, the prompt embeddings kept on the card, and, where weights are stored as fp8 and
+    upcast per layer, the largest layer in bf16."""
+    upcast = max(
+        (
+            module.weight.numel() * 2
+            for module in transformer.modules()
+            if isinstance(module, torch.nn.Linear) and module.weight.dtype in FP8_STORAGE
+        ),
+        default=0,
+    )
+    streamed = 2 * streamer.unit_bytes if streamer is not None else 0
+    return streamed + prompt_bytes + upcast
 
 
 class Admission:

@@ -25,7 +25,14 @@ from kleinfarm.shared.jobs import EditJob, GenerateJob
 from kleinfarm.shared.klein import REFERENCE_MAX_AREA, TEXT_TOKENS
 from kleinfarm.shared.records import EngineReport
 from kleinfarm.shared.refset import reference_set_key
-from kleinfarm.worker.engine.admission import Admission, card_limit, is_out_of_memory, model_dims, resident_bytes
+from kleinfarm.worker.engine.admission import (
+    Admission,
+    card_limit,
+    held_beside_jobs,
+    is_out_of_memory,
+    model_dims,
+    resident_bytes,
+)
 from kleinfarm.worker.engine.kv_cache import Entry, ReferenceKVCache, from_diffusers, to_diffusers
 from kleinfarm.worker.engine.loading import Fp8Mode, check_supported, place, text_encoder_layers
 from kleinfarm.worker.engine.plan import (
@@ -42,6 +49,7 @@ from kleinfarm.worker.engine.profiles import HEADROOM, MemoryProfile, ProfileNam
 from kleinfarm.worker.engine.prompt_cache import PromptCache
 from kleinfarm.worker.engine.prompt_encoder import PromptEncoder
 from kleinfarm.worker.engine.results import ImageResult, LatentResult
+from kleinfarm.worker.engine.streaming import StreamedModule
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +106,7 @@ class RenderEngine:
         budgets: CacheBudgets,
         profile: str = "custom",
         card_bytes: int | None = None,
-        streaming_bytes: int = 0,
+        streamer: StreamedModule | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.model = model
@@ -108,9 +116,9 @@ class RenderEngine:
         self.kv_cache = ReferenceKVCache(self.device, budgets.kv_device, budgets.kv_host)
         self.prompt_cache = PromptCache(budgets.prompts)
         self.prompts = PromptEncoder(self._encode_prompt, self.prompt_cache, self.device)
-        # A streamed text encoder holds two of its units on the card while it runs (beside a render).
+        self.streamer = streamer
         resident = resident_bytes((pipeline.transformer, pipeline.vae, pipeline.text_encoder), self.device)
-        resident += streaming_bytes
+        resident += held_beside_jobs(pipeline.transformer, streamer, budgets.prompts)
         self.admission = Admission(model_dims(pipeline), card_limit(self.device, card_bytes), resident)
 
     @classmethod
@@ -156,10 +164,10 @@ class RenderEngine:
         card = torch.device(device)
         card_bytes = card_limit(card, card_bytes)
         layout = profile_for_card(profile, card_bytes if card.type == "cuda" else None, physical_memory())
-        streaming_bytes = place(pipeline, layout, card, fp8)
+        streamer = place(pipeline, layout, card, fp8)
         pipeline.set_progress_bar_config(disable=True)
         budgets = budgets or CacheBudgets.from_profile(layout, card)
-        return cls(pipeline, model, device, budgets, layout.name, card_bytes, streaming_bytes)
+        return cls(pipeline, model, device, budgets, layout.name, card_bytes, streamer)
 
     @property
     def kv_reuse(self) -> bool:
@@ -176,25 +184,23 @@ class RenderEngine:
         """
         if job.seed is None:
             raise ValueError("a job reaches the engine with its seed drawn at submit time")
-        try:
-            return self._render_once(job, references, on_step)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            log.warning("out of memory rendering %s: caches emptied, trying once more", job.prompt[:40])
-        self.free_memory()
-        try:
-            return self._render_once(job, references, on_step)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
+        for attempt in (1, 2):
+            try:
+                return self._render_once(job, references, on_step)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                failure = str(error).splitlines()[0]  # the text only: the traceback holds the attempt's tensors
+            # Outside the handler: the failed attempt's frames (and their tensors) are gone.
+            log.warning("out of memory rendering %r (attempt %d): caches emptied", job.prompt[:40], attempt)
             self.free_memory()
-            shape = self.admission.shape(job.width, job.height, [image for _, image in references])
-            limit = self.admission.job_bytes
-            raise JobTooLargeError(
-                f"{shape.describe()} ran out of memory twice, the second time with every cache moved off the card"
-                + (f" ({gib(limit)} for a job beside the weights)" if limit is not None else "")
-            ) from error
+        shape = self.admission.shape(job.width, job.height, [image for _, image in references])
+        limit = self.admission.job_bytes
+        raise JobTooLargeError(
+            f"{shape.describe()} ran out of memory twice, the second time with every cache moved off the card"
+            + (f" ({gib(limit)} for a job beside the weights)" if limit is not None else "")
+            + f": {failure}"
+        )
 
     def _render_once(
         self, job: GenerateJob | EditJob, references: References, on_step: StepCallback | None
@@ -361,13 +367,17 @@ class RenderEngine:
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         embeddings: torch.Tensor
-        with torch.inference_mode():
-            embeddings, _ = self.pipeline.encode_prompt(
-                prompt=prompt,
-                device=self.device,
-                max_sequence_length=TEXT_TOKENS,
-                text_encoder_out_layers=self.text_layers,
-            )
+        try:
+            with torch.inference_mode():
+                embeddings, _ = self.pipeline.encode_prompt(
+                    prompt=prompt,
+                    device=self.device,
+                    max_sequence_length=TEXT_TOKENS,
+                    text_encoder_out_layers=self.text_layers,
+                )
+        finally:
+            if self.streamer is not None:
+                self.streamer.release()  # a pass that raised half-way leaves no layer on the card
         return embeddings
 
     def _timesteps(self, image_seq_len: int, steps: int) -> torch.Tensor:

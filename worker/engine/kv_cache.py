@@ -69,10 +69,10 @@ class Tier:
 
     @property
     def used(self) -> int:
-        return sum(entry.nbytes for entry in self.entries.values())
+        return sum(entry.nbytes for entry in list(self.entries.values()))  # a snapshot (heartbeat thread)
 
     def holdings(self) -> dict[str, int]:
-        return {key: entry.nbytes for key, entry in self.entries.items()}
+        return {key: entry.nbytes for key, entry in list(self.entries.items())}
 
     def report(self) -> TierReport:
         return TierReport(budget=self.budget, keys=self.holdings())

@@ -10,7 +10,7 @@ from kleinfarm.shared.errors import ConfigError
 from kleinfarm.shared.klein import TEXT_ENCODER_LAYERS
 from kleinfarm.worker.engine.fp8 import use_fp8_compute
 from kleinfarm.worker.engine.profiles import MemoryProfile
-from kleinfarm.worker.engine.streaming import stream_text_encoder
+from kleinfarm.worker.engine.streaming import StreamedModule, stream_text_encoder
 
 SUPPORTED_PIPELINES = ("Flux2KleinKVPipeline", "Flux2KleinPipeline")
 # How the rtx4090 profile keeps its fp8 transformer: stored (upcast per layer) or computed in fp8.
@@ -34,10 +34,12 @@ def check_supported(pipeline: Any, model: str) -> None:
         raise ConfigError(f"model {model!r} is a base (non-distilled) klein: kleinfarm runs the distilled ones")
 
 
-def place(pipeline: Any, layout: MemoryProfile, device: torch.device, fp8: Fp8Mode = "storage") -> int:
+def place(
+    pipeline: Any, layout: MemoryProfile, device: torch.device, fp8: Fp8Mode = "storage"
+) -> StreamedModule | None:
     """Put the components where the profile says: fp8 weight storage, a streamed text encoder.
 
-    Returns the bytes the streamed encoder needs on the card while it runs (two of its units)."""
+    Returns the streamed text encoder, where the profile streams it."""
     if layout.weights == "fp8" and fp8 == "compute":
         # Half the memory of the bf16 checkpoint, and products on the fp8 tensor cores (``fp8.py``).
         use_fp8_compute(pipeline.transformer)
@@ -46,8 +48,9 @@ def place(pipeline: Any, layout: MemoryProfile, device: torch.device, fp8: Fp8Mo
         pipeline.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     if layout.text_encoder == "device":
         pipeline.to(device)
-        return 0
+        return None
     pipeline.transformer.to(device)
     pipeline.vae.to(device)
     # Streamed from pinned host memory a unit ahead; it runs once per distinct prompt, ahead of its job.
-    return 2 * stream_text_encoder(pipeline.text_encoder, device).unit_bytes
+    layers = text_encoder_layers(pipeline.text_encoder.config.num_hidden_layers)
+    return stream_text_encoder(pipeline.text_encoder, device, layers)

@@ -21,7 +21,8 @@ class PromptCache:
 
     @property
     def used(self) -> int:
-        return sum(tensor.nbytes for tensor in self.entries.values())
+        # A snapshot: the heartbeat thread reads this while the encoding thread adds entries.
+        return sum(tensor.nbytes for tensor in list(self.entries.values()))
 
     def get(self, key: str) -> torch.Tensor | None:
         tensor = self.entries.get(key)

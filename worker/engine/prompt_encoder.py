@@ -35,16 +35,24 @@ class PromptEncoder:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[torch.Tensor]] = {}
+        self._ahead: set[str] = set()  # encoded ahead and not yet asked for: its job reports "ahead"
         self.encoded_ahead = 0
 
+    def start(self, prompt: str) -> None:
+        """Start encoding the running job's own prompt (while its references are fetched), first."""
+        with self._lock:
+            if prompt not in self._inflight and not self.cache.peek(prompt):
+                self._inflight[prompt] = self._executor.submit(self._encode_and_keep, prompt)
+
     def ahead(self, prompts: Iterable[str]) -> int:
-        """Start encoding the prompts not cached nor under way; return how many were started."""
+        """Start encoding the prompts of later jobs not cached nor under way; return how many."""
         started = 0
         with self._lock:
             for prompt in prompts:
                 if prompt in self._inflight or self.cache.peek(prompt):
                     continue
                 self._inflight[prompt] = self._executor.submit(self._encode_and_keep, prompt)
+                self._ahead.add(prompt)
                 self.encoded_ahead += 1
                 started += 1
         return started
@@ -52,9 +60,11 @@ class PromptEncoder:
     def get(self, prompt: str) -> tuple[torch.Tensor, PromptSource]:
         """The prompt's embeddings, and whether they were cached, encoded ahead or encoded now."""
         with self._lock:
+            ahead = prompt in self._ahead
+            self._ahead.discard(prompt)
             cached = self.cache.get(prompt)
             if cached is not None:
-                return self._for_this_stream(cached), "cached"
+                return self._for_this_stream(cached), "ahead" if ahead else "cached"
             future = self._inflight.get(prompt)
             source: PromptSource = "ahead" if future is not None else "encoded"
             if future is None:
@@ -62,8 +72,11 @@ class PromptEncoder:
         return self._for_this_stream(future.result()), source
 
     def clear(self) -> None:
+        """Wait for the encodes under way (they hold the card), then drop every embedding."""
+        self._executor.submit(lambda: None).result()
         with self._lock:
             self.cache.clear()
+            self._ahead.clear()
 
     def _encode_and_keep(self, prompt: str) -> torch.Tensor:
         try:

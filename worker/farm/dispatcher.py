@@ -55,6 +55,8 @@ class Dispatcher:
         self.control = CampaignControl(state)
         self.reconciler = Reconciler(state, registry, interval_s=RECONCILE_TICKS * tick_s)
         self._lock = state.redis.lock(keys.DISPATCHER_LOCK, timeout=max(3 * tick_s, 5.0))
+        # What this leader last wrote as each campaign's "waiting" note ("" for none).
+        self._waiting_said: dict[str, str] = {}
         self._leading = False
 
     def run_forever(self) -> None:
@@ -102,6 +104,7 @@ class Dispatcher:
                 return False
         if self._lock.acquire(blocking=False):
             self._leading = True
+            self._waiting_said.clear()  # another leader may have written notes since this one led
             self._reissue_unclaimed()
         return self._leading
 
@@ -153,12 +156,18 @@ class Dispatcher:
             if not runnable[job.shape]:
                 waiting[job.campaign] = f"waiting: no live worker can run {job.shape.describe()}"
         pipe = self.state.redis.pipeline(transaction=False)
-        for campaign in campaigns:
-            if campaign in waiting:
-                pipe.hset(keys.campaign(campaign), "waiting", waiting[campaign])
+        # A campaign noted earlier and gone from the window has nothing waiting any more: cleared too.
+        for campaign in campaigns | {name for name, note in self._waiting_said.items() if note}:
+            note = waiting.get(campaign)
+            if self._waiting_said.get(campaign) == (note or ""):
+                continue  # written already: only changes go to Redis
+            if note:
+                pipe.hset(keys.campaign(campaign), "waiting", note)
             else:
                 pipe.hdel(keys.campaign(campaign), "waiting")
+            self._waiting_said[campaign] = note or ""
         pipe.execute()
+        self._waiting_said = {name: note for name, note in self._waiting_said.items() if note or name in campaigns}
 
     def _round(self, job_ids: list[str], views: dict[str, WorkerView]) -> Round:
         """The policy's whole input: the queue's head, the workers, who holds what, who is kept off what."""
