@@ -66,7 +66,7 @@ def connect(settings: FarmSettings) -> redis.Redis:
         sentinel_kwargs=_sentinel_auth(settings) or None,
         password=parsed.password,
     )
-    return sentinel.master_for(  # type: ignore[no-any-return]
+    return sentinel.master_for(  # type: ignore[no-any-return, no-untyped-call]
         settings.redis_sentinel_master, decode_responses=True, db=parsed.db, socket_timeout=SOCKET_TIMEOUT_S
     )
 
