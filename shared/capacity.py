@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from kleinfarm.shared.klein import (
     BF16_BYTES,
@@ -172,7 +172,9 @@ class Capability(BaseModel):
 
     job_bytes: int | None = None  # None: no limit known (a CPU worker without a set card size)
     dims: ModelDims = FULL_SIZE
-    speed: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    # Not validated here: one worker's odd figure must not make every heartbeat unreadable; the
+    # router counts a speed that is not positive and finite as 1.0 (``routing/policy.py``).
+    speed: float = 1.0
 
     def need(self, shape: JobShape) -> JobNeed:
         return job_need(shape, self.dims)

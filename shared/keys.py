@@ -52,7 +52,8 @@ CAMPAIGNS = f"{PREFIX}:campaigns"
 def campaign(campaign_id: str) -> str:
     """hash: name, output_prefix, priority, error_limit, created, total, open, n_<state> counters,
     changed_at, cancel_requested, paused, failed_reason, manifest_key, waiting (set and cleared by
-    the dispatcher: why jobs wait that no live worker can run). Written at submit, counters only by
+    the dispatcher: why jobs wait that no live worker can run), model (the ``id@revision`` it runs
+    on, pinned by the dispatcher or its first worker). Written at submit, counters only by
     transition.lua. Lives for ever."""
     return f"{PREFIX}:campaign:{campaign_id}"
 

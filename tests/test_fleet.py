@@ -46,7 +46,8 @@ def fleet(
     farm_env: dict[str, str], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
     url = redis_server.url.rsplit("/", 1)[0] + f"/{FLEET_DATABASE}"
-    env = {**farm_env, "KLEINFARM_REDIS_URL": url}
+    # A 1 MiB prompt cache: the engine counts its budget as held on the card beside every job.
+    env = {**farm_env, "KLEINFARM_REDIS_URL": url, "KLEINFARM_PROMPT_CACHE_MB": "1"}
     client = FarmClient(settings_from(env))
     client.state.redis.flushdb()
     pool = WorkerPool(env, tmp_path_factory.mktemp("fleet-worker-logs"))
@@ -119,3 +120,32 @@ def test_each_job_runs_on_a_card_that_can_hold_it_and_a_job_no_card_can_hold_wai
     huge_job = fleet.client.state.job(f"{handle.id}/huge")
     assert huge_job.worker is not None and huge_job.worker.startswith("large-card") and huge_job.attempt == 1
     assert len(fleet.pool.alive()) == 3
+
+
+def test_a_campaign_stays_on_the_model_revision_it_started_on_while_the_farm_is_upgraded(fleet: Fleet) -> None:
+    label = fleet.env["KLEINFARM_MODEL"]
+    fleet.env["KLEINFARM_MODEL_REVISION"] = "rev-b"
+    start(fleet, "old-card", None)
+    raw = [{"prompt": f"kit {index}"} for index in range(8)]
+    handle = fleet.client.submit(Campaign.from_raw("upgrade", raw, defaults={"width": 256, "height": 256}))
+    wait_for(lambda: handle.status().succeeded >= 1, "the campaign to start on rev-b")
+    campaign = fleet.client.campaign(handle.id)
+    campaign.pause()
+    wait_for(lambda: handle.status().running == 0, "the running jobs to end")
+    fleet.pool.stop()  # the rev-b card goes for its upgrade; rev-a cards join
+    fleet.pool.processes.clear()
+    fleet.env["KLEINFARM_MODEL_REVISION"] = "rev-a"
+    start(fleet, "new-card", None)
+    campaign.resume()
+    left = handle.status().pending
+    assert left > 0
+    wait_for(lambda: handle.status().waiting is not None, "the campaign to say why it waits")
+    assert handle.status().waiting == f"waiting: no live worker runs {label}@rev-b, the model its first jobs ran on"
+    assert handle.status().pending == left  # none went to the rev-a card
+
+    fleet.env["KLEINFARM_MODEL_REVISION"] = "rev-b"
+    start(fleet, "old-card-back", None)
+    final = handle.wait(progress=False, timeout=WAIT_S)
+    assert (final.succeeded, final.failed, final.waiting) == (8, 0, None)
+    workers = {fleet.client.state.job(job_id).worker or "" for job_id in fleet.client.state.job_ids(handle.id)}
+    assert workers and not any(worker.startswith("new-card") for worker in workers)

@@ -136,8 +136,9 @@ def apply_budgets(engine: RenderEngine, settings: FarmSettings, share: HostShare
     kv = engine.kv_cache
     default = Budgets(kv.device_tier.budget, kv.host_tier.budget, engine.prompt_cache.budget)
     budgets = plan_budgets(settings, share, resident, default)
-    kv.device_tier.budget, kv.host_tier.budget = budgets.kv_device, budgets.kv_host
-    engine.prompt_cache.budget = budgets.prompts
+    from kleinfarm.worker.engine import CacheBudgets
+
+    engine.set_budgets(CacheBudgets(kv_device=budgets.kv_device, kv_host=budgets.kv_host, prompts=budgets.prompts))
     log.info(
         "host memory: %.1f GiB (%s) / %d worker(s) = %.1f GiB each; weights in host memory %.1f GiB; "
         "budgets: K/V device %.1f GiB, K/V host %.1f GiB, prompts %.2f GiB",

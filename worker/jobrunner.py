@@ -34,6 +34,7 @@ from kleinfarm.shared.states import JobState, Move
 from kleinfarm.worker.context import WorkerContext
 from kleinfarm.worker.engine import ImageResult
 from kleinfarm.worker.farm.holding import HELD
+from kleinfarm.worker.farm.revisions import campaign_model
 
 log = logging.getLogger(__name__)
 JOB_ADAPTER: TypeAdapter[GenerateJob | EditJob] = TypeAdapter(Job)
@@ -89,6 +90,12 @@ def run_job(context: WorkerContext, job_id: str, attempt: int, send_event: Event
         # this worker), for a worker that takes jobs; the one it is running goes on to its end.
         context.registry.give_back(job_id, context.worker_id, "worker draining", attempt=attempt)
         log.info("draining: gave %s back to the queue", job_id)
+        return JobState.PENDING
+    campaign_id = keys.campaign_of(job_id)
+    if (model := campaign_model(context.state.redis, campaign_id, context.engine.model)) != context.engine.model:
+        # Handed out before its campaign was pinned to another revision: back, for a worker running it.
+        context.registry.give_back(job_id, context.worker_id, f"its campaign runs {model}", attempt=attempt)
+        log.info("%s runs on %s, not %s: given back", job_id, model, context.engine.model)
         return JobState.PENDING
     with HELD.holding(job_id), log_context(campaign=keys.campaign_of(job_id), job=job_id):
         state, worker, started = context.state, context.worker_id, time.time()

@@ -117,9 +117,16 @@ class RenderEngine:
         self.prompt_cache = PromptCache(budgets.prompts)
         self.prompts = PromptEncoder(self._encode_prompt, self.prompt_cache, self.device)
         self.streamer = streamer
-        resident = resident_bytes((pipeline.transformer, pipeline.vae, pipeline.text_encoder), self.device)
-        resident += held_beside_jobs(pipeline.transformer, streamer, budgets.prompts)
+        self.weights = resident_bytes((pipeline.transformer, pipeline.vae, pipeline.text_encoder), self.device)
+        resident = self.weights + held_beside_jobs(pipeline.transformer, streamer, budgets.prompts)
         self.admission = Admission(model_dims(pipeline), card_limit(self.device, card_bytes), resident)
+
+    def set_budgets(self, budgets: CacheBudgets) -> None:
+        """New cache budgets (before anything is cached); the prompt budget is held on the card."""
+        self.kv_cache.device_tier.budget, self.kv_cache.host_tier.budget = budgets.kv_device, budgets.kv_host
+        self.prompt_cache.budget = budgets.prompts
+        held = held_beside_jobs(self.pipeline.transformer, self.streamer, budgets.prompts)
+        self.admission.resident = self.weights + held
 
     @classmethod
     def load(

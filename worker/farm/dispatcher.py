@@ -31,6 +31,7 @@ from kleinfarm.shared.routing import AffinityPolicy, PendingIndex, PendingJob, P
 from kleinfarm.shared.state import FarmState
 from kleinfarm.shared.states import Move
 from kleinfarm.worker.farm.reconciler import Reconciler, task_id
+from kleinfarm.worker.farm.revisions import kept_off, pin_campaigns
 
 log = logging.getLogger(__name__)
 WINDOW_JOBS = 2048  # how deep into the pending queue one dispatch round looks
@@ -57,6 +58,7 @@ class Dispatcher:
         self._lock = state.redis.lock(keys.DISPATCHER_LOCK, timeout=max(3 * tick_s, 5.0))
         # What this leader last wrote as each campaign's "waiting" note ("" for none).
         self._waiting_said: dict[str, str] = {}
+        self.models: dict[str, str] = {}  # the model each campaign of the last round is pinned to
         self._leading = False
 
     def run_forever(self) -> None:
@@ -142,6 +144,7 @@ class Dispatcher:
         Such a job stays pending (never failed, never handed to a card that would fail it) and runs
         once a worker that can run it joins."""
         capabilities = {view.report.engine.capability for view in views.values()}
+        live_models = {view.report.model for view in views.values()}
         runnable: dict[JobShape, bool] = {}
         waiting: dict[str, str] = {}
         campaigns: set[str] = set()
@@ -149,6 +152,9 @@ class Dispatcher:
             if job.campaign is None:
                 continue
             campaigns.add(job.campaign)
+            model = self.models.get(job.campaign)
+            if model is not None and model not in live_models:
+                waiting[job.campaign] = f"waiting: no live worker runs {model}, the model its first jobs ran on"
             if job.shape is None or job.campaign in waiting:
                 continue
             if job.shape not in runnable:
@@ -184,7 +190,11 @@ class Dispatcher:
         for worker in workers:
             for route in worker.holds:
                 holders[route] = holders.get(route, 0) + 1
-        exclusions = self.control.exclusions({job.campaign for job in pending_jobs if job.campaign})
+        campaigns = {job.campaign for job in pending_jobs if job.campaign}
+        exclusions = dict(self.control.exclusions(campaigns))
+        self.models = pin_campaigns(self.state.redis, campaigns, views.values())
+        for campaign, identities in kept_off(self.models, views.values()).items():
+            exclusions[campaign] = exclusions.get(campaign, frozenset()) | identities
         return Round(PendingIndex(pending_jobs), workers, holders, exclusions=exclusions)
 
     def _worker_state(self, view: WorkerView) -> WorkerState:
