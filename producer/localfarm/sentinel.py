@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import redis
 
@@ -63,8 +65,8 @@ class RedisSentinel(RedisServer):
         return redis.Redis(port=self.port, decode_responses=True, socket_timeout=2)
 
     def master_port(self) -> int:
-        _host, port = self.client().sentinel_get_master_addr_by_name(MASTER_NAME)  # type: ignore[no-untyped-call]
-        return int(port)
+        address: Any = self.client().sentinel_get_master_addr_by_name(MASTER_NAME)  # type: ignore[no-untyped-call]
+        return int(address[1])
 
 
 @dataclass
@@ -87,15 +89,19 @@ class SentinelRedis:
 def sentinel_redis() -> Iterator[SentinelRedis]:
     """Start a master, a replica in sync with it, and three Sentinels that know both and each other."""
     with ExitStack() as stack:
-        master = stack.enter_context(RedisServer())
-        replica = stack.enter_context(RedisReplica(master))
+        master = RedisServer()
+        stack.enter_context(master)
+        replica = RedisReplica(master)
+        stack.enter_context(replica)
         assert replica.process is not None
         wait_until(lambda: _in_sync(replica), "the replica's first sync", replica.process)
-        sentinels = [stack.enter_context(RedisSentinel(master)) for _ in range(SENTINELS)]
+        sentinels = [RedisSentinel(master) for _ in range(SENTINELS)]
+        for sentinel in sentinels:
+            stack.enter_context(sentinel)
         for sentinel in sentinels:
             assert sentinel.process is not None
-            wait_until(lambda s=sentinel: _knows_everyone(s), "the Sentinels to find each other", sentinel.process)
-        yield SentinelRedis(master, replica, sentinels)  # type: ignore[arg-type]
+            wait_until(partial(_knows_everyone, sentinel), "the Sentinels to find each other", sentinel.process)
+        yield SentinelRedis(master, replica, sentinels)
 
 
 def _in_sync(replica: RedisServer) -> bool:
@@ -104,5 +110,5 @@ def _in_sync(replica: RedisServer) -> bool:
 
 
 def _knows_everyone(sentinel: RedisSentinel) -> bool:
-    state = sentinel.client().sentinel_master(MASTER_NAME)  # type: ignore[no-untyped-call]
+    state: Any = sentinel.client().sentinel_master(MASTER_NAME)  # type: ignore[no-untyped-call]
     return int(state.get("num-other-sentinels", 0)) == SENTINELS - 1 and int(state.get("num-slaves", 0)) >= 1
