@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
@@ -35,6 +35,7 @@ class QueueFigures:
     live_workers: int
     draining_workers: int
     free_slots: int  # slots live workers offer now (draining ones offer none)
+    retirements: dict[str, int]  # workers retired since the farm began, by cause (lapsed, restarted, stopped)
 
 
 def read_figures(state: FarmState, registry: Registry) -> QueueFigures:
@@ -42,7 +43,8 @@ def read_figures(state: FarmState, registry: Registry) -> QueueFigures:
     pipe.zcard(keys.PENDING)
     pipe.zcard(keys.DELAYED)
     pipe.scard(keys.ACTIVE)
-    pending, delayed, active = pipe.execute()
+    pipe.hgetall(keys.RETIREMENTS)
+    pending, delayed, active, retired = pipe.execute()
     workers = registry.live_workers()
     return QueueFigures(
         pending=int(pending),
@@ -52,6 +54,7 @@ def read_figures(state: FarmState, registry: Registry) -> QueueFigures:
         live_workers=len(workers),
         draining_workers=sum(1 for view in workers if view.report.draining),
         free_slots=sum(view.room for view in workers),
+        retirements={name.removeprefix("retired_"): int(count) for name, count in retired.items()},
     )
 
 
@@ -78,7 +81,7 @@ class QueueCollector(Collector):
         self.state = state
         self.registry = registry
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         try:
             figures = read_figures(self.state, self.registry)
         except (RedisError, OSError, ValueError) as error:  # a scrape answers even when Redis does not
@@ -96,6 +99,12 @@ class QueueCollector(Collector):
             ("free_slots", "Job slots live workers offer now", figures.free_slots),
         ):
             yield GaugeMetricFamily(f"kleinfarm_farm_{name}", help_text, value=float(value))
+        retired = CounterMetricFamily(
+            "kleinfarm_farm_workers_retired", "Workers retired since the farm began, by cause", labels=["cause"]
+        )
+        for cause, count in sorted(figures.retirements.items()):
+            retired.add_metric([cause], float(count))
+        yield retired
 
 
 def serve_queue_metrics(state: FarmState, lapse_s: float, port: int, address: str) -> int:

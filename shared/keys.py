@@ -122,6 +122,9 @@ IDENTITIES = f"{PREFIX}:identities"
 # slot, so the dispatcher hands it nothing, and gives back a job that reaches it; kept across its
 # restarts until ``kleinfarm worker undrain``.
 DRAINING = f"{PREFIX}:draining"
+# hash "retired_<cause>" -> workers retired for it since the farm began (lapsed heartbeat, restart
+# under the same identity, a clean stop): what the exporter shows as lapses. Lives for ever.
+RETIREMENTS = f"{PREFIX}:retirements"
 
 
 def worker(worker_id: str) -> str:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from kleinfarm.shared import keys
 from kleinfarm.shared.records import WorkerReport
 from kleinfarm.shared.state import FarmState
 from kleinfarm.shared.states import JobState, Move
 
+# Why a worker was retired: its heartbeat lapsed, its card came back as a new process, it stopped.
+RetireCause = Literal["lapsed", "restarted", "stopped"]
 # A job lost with its worker this many times fails instead of requeueing forever (celery #9082).
 MAX_ATTEMPTS = 3
 
@@ -73,7 +75,7 @@ class Registry:
         """
         previous = self.redis.hget(keys.IDENTITIES, report.identity)
         if previous and previous != worker_id:
-            self.retire(str(previous), reason=f"{report.identity} restarted as {worker_id}")
+            self.retire(str(previous), reason=f"{report.identity} restarted as {worker_id}", cause="restarted")
         now = self.state.server_time()
         pipe = self.redis.pipeline()
         pipe.hset(
@@ -140,7 +142,7 @@ class Registry:
         pipe.lpush(keys.WAKE, worker_id)
         pipe.execute()
 
-    def retire(self, worker_id: str, reason: str) -> int:
+    def retire(self, worker_id: str, reason: str, cause: RetireCause = "stopped") -> int:
         """Forget a worker and requeue every job handed to it; return how many were requeued."""
         report = self.redis.hget(keys.worker(worker_id), "report")
         identity = WorkerReport.model_validate_json(report).identity if report else worker_id
@@ -149,6 +151,7 @@ class Registry:
         self.redis.zrem(keys.WORKERS, worker_id)
         if self.redis.hget(keys.IDENTITIES, identity) == worker_id:
             self.redis.hdel(keys.IDENTITIES, identity)
+        self.redis.hincrby(keys.RETIREMENTS, f"retired_{cause}", 1)
         return requeued
 
     def give_back(

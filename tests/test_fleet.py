@@ -19,6 +19,7 @@ from PIL import Image
 
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.producer.localfarm.services import RedisServer
+from kleinfarm.producer.queue_metrics import read_figures
 from kleinfarm.shared.capacity import JobShape
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.registry import Registry
@@ -134,6 +135,8 @@ def test_a_campaign_stays_on_the_model_revision_it_started_on_while_the_farm_is_
     wait_for(lambda: handle.status().running == 0, "the running jobs to end")
     fleet.pool.stop()  # the rev-b card goes for its upgrade; rev-a cards join
     fleet.pool.processes.clear()
+    registry = Registry(fleet.client.state, lapse_s=3)
+    assert read_figures(fleet.client.state, registry).retirements == {"stopped": 1}  # the exporter's figure
     fleet.env["KLEINFARM_MODEL_REVISION"] = "rev-a"
     start(fleet, "new-card", None)
     campaign.resume()

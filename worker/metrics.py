@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kleinfarm.shared.records import EngineReport
@@ -19,10 +19,11 @@ class CacheCollector(Collector):
     def __init__(self, report: Callable[[], EngineReport]) -> None:
         self.report = report
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         engine = self.report()
         kv, stats = engine.kv, engine.kv.stats
-        events = GaugeMetricFamily("kleinfarm_kv_cache_events", "Reference K/V cache events", labels=["event"])
+        # Counters (they only grow while the worker lives), so dashboards can take their rate.
+        events = CounterMetricFamily("kleinfarm_kv_cache_events", "Reference K/V cache events", labels=["event"])
         for event in ("hits_device", "hits_host", "misses", "demotions", "evictions"):
             events.add_metric([event], float(stats.get(event, 0)))
         yield events

@@ -86,7 +86,7 @@ class Dispatcher:
             self.stopping.wait(self.tick_s)
             return
         for worker_id in self.registry.lapsed_workers():
-            requeued = self.registry.retire(worker_id, reason=f"heartbeat of {worker_id} lapsed")
+            requeued = self.registry.retire(worker_id, reason=f"heartbeat of {worker_id} lapsed", cause="lapsed")
             log.warning("worker %s lapsed: %d job(s) requeued", worker_id, requeued)
         self.state.promote_ready()
         self.reconciler.maybe_run()
