@@ -174,7 +174,7 @@ class CampaignHandle:
         written = []
         for row in self.results():
             if row["state"] == "succeeded" and row["key"]:
-                target = folder / f"{row['job_id']}.png"
+                target = folder / f"{row['job_id']}{Path(str(row['key'])).suffix}"  # .png, .jpg or .webp
                 target.write_bytes(self.client.storage.get(row["key"]))
                 written.append(target)
         return written

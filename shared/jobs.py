@@ -7,7 +7,7 @@ import secrets
 import unicodedata
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kleinfarm.shared.locators import parse_locator
 
@@ -19,6 +19,9 @@ MAX_REFERENCES = 4
 MIN_REFERENCE_SIDE = 64
 MAX_REFERENCE_ASPECT = 8
 MAX_SEED = 2**32 - 1
+# Stored image formats; JPEG and WebP take a quality, this one when the job names none.
+OutputFormat = Literal["png", "jpeg", "webp"]
+DEFAULT_QUALITY = 90
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Object keys stay inside the prefix and under S3's 1,024 bytes whatever the campaign says:
 # <prefix (256)>/<campaign id (49)>/<job id (128)>.png is at most 439 bytes.
@@ -85,6 +88,9 @@ class _JobBase(BaseModel):
     height: int = 1024
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     steps: Annotated[int, Field(ge=1, le=50)] = 4
+    # The stored image: PNG (lossless, the default), or JPEG / WebP at ``quality`` (1-100).
+    format: OutputFormat = "png"
+    quality: Annotated[int, Field(ge=1, le=100)] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -92,6 +98,12 @@ class _JobBase(BaseModel):
         if not prompt.strip():
             raise ValueError("prompt is empty")
         return prompt
+
+    @model_validator(mode="after")
+    def _quality_for_lossy_only(self) -> Self:
+        if self.quality is not None and self.format == "png":
+            raise ValueError(f"quality={self.quality} applies to format jpeg or webp; PNG is lossless")
+        return self
 
     @field_validator("width", "height")
     @classmethod

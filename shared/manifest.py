@@ -6,10 +6,13 @@ from kleinfarm.shared import keys
 from kleinfarm.shared.state import FarmState
 from kleinfarm.shared.storage import Storage
 
+# The file name extension of each output format.
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
-def output_key(prefix: str, campaign_id: str, local_id: str) -> str:
+
+def output_key(prefix: str, campaign_id: str, local_id: str, fmt: str = "png") -> str:
     """Deterministic key of a job's image, so a retried job finds its own earlier write."""
-    return f"{prefix.strip('/')}/{campaign_id}/{local_id}.png"
+    return f"{prefix.strip('/')}/{campaign_id}/{local_id}.{EXTENSIONS[fmt]}"
 
 
 def manifest_key(prefix: str, campaign_id: str) -> str:

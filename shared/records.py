@@ -93,6 +93,7 @@ class JobRecord:
         return {
             **self.result_row(),
             "kind": self.spec.get("kind"),
+            "format": self.spec.get("format", "png"),
             "prompt": self.spec.get("prompt"),
             "references": [redact(url) for url in self.references],
             "refset": self.refset,

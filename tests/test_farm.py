@@ -229,3 +229,51 @@ def test_an_unknown_campaign_is_reported_by_id(client: FarmClient) -> None:
 
     with pytest.raises(CampaignNotFoundError, match="campaign 'nope' is not known"):
         client.campaign("nope")
+
+
+def test_jobs_are_stored_as_png_jpeg_or_webp_each_carrying_its_full_record(
+    client: FarmClient, storage: Storage, workers: WorkerPool, tmp_path: Path
+) -> None:
+    from kleinfarm.worker.encoding import embedded_record
+
+    prompt = "a mug,\non marble — warm"
+    campaign = Campaign.from_raw(
+        "formats",
+        [
+            {"id": "lossless", "prompt": prompt},
+            {"id": "photo", "prompt": prompt, "format": "jpeg", "quality": 80},
+            {"id": "web", "prompt": prompt, "format": "webp"},
+        ],
+        defaults={"width": 256, "height": 256},
+    )
+    handle = client.submit(campaign)
+    assert handle.wait(progress=False, timeout=WAIT_S).succeeded == 3
+    rows = {row["job_id"]: row for row in handle.results()}
+    expected = {"lossless": (".png", "PNG"), "photo": (".jpg", "JPEG"), "web": (".webp", "WEBP")}
+    for job_id, (suffix, kind) in expected.items():
+        key = str(rows[job_id]["key"])
+        assert key == f"kleinfarm/{handle.id}/{job_id}{suffix}"
+        data = storage.get(key)
+        assert Image.open(io.BytesIO(data)).format == kind
+        record = embedded_record(data)
+        assert (record["prompt"], record["job"]) == (prompt, f"{handle.id}/{job_id}")
+    head = storage.client.head_object(Bucket=storage.bucket, Key=str(rows["photo"]["key"]))
+    assert head["ContentType"] == "image/jpeg"
+    manifest = [json.loads(line) for line in storage.get(f"kleinfarm/{handle.id}/manifest.jsonl").splitlines()]
+    assert {row["job_id"]: row["format"] for row in manifest} == {"lossless": "png", "photo": "jpeg", "web": "webp"}
+    files = handle.download(tmp_path)
+    assert sorted(path.name for path in files) == ["lossless.png", "photo.jpg", "web.webp"]
+
+
+def test_a_quality_for_a_png_is_refused_before_submit_naming_the_field(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from kleinfarm.producer.campaign_files import load_campaign
+    from kleinfarm.shared.errors import CampaignFileError
+
+    with pytest.raises(ValidationError, match="quality=80 applies to format jpeg or webp"):
+        Campaign.from_raw("bad-quality", [{"prompt": "p", "quality": 80}])
+    file = tmp_path / "bad.jsonl"
+    file.write_text('{"prompt": "p", "quality": 80}\n')
+    with pytest.raises(CampaignFileError, match="quality=80 applies to format jpeg or webp"):
+        load_campaign(file)

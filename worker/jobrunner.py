@@ -8,7 +8,6 @@ fails it and counts against this worker.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -19,7 +18,6 @@ from typing import Any, TypeVar
 
 import botocore.exceptions
 import redis.exceptions
-from PIL import PngImagePlugin
 from pydantic import TypeAdapter
 
 from kleinfarm.shared import keys
@@ -32,6 +30,7 @@ from kleinfarm.shared.manifest import output_key, write_manifest
 from kleinfarm.shared.records import JobRecord
 from kleinfarm.shared.states import JobState, Move
 from kleinfarm.worker.context import WorkerContext
+from kleinfarm.worker.encoding import CONTENT_TYPES, encode_image, header_value
 from kleinfarm.worker.engine import ImageResult
 from kleinfarm.worker.farm.holding import HELD
 from kleinfarm.worker.farm.revisions import campaign_model
@@ -164,9 +163,9 @@ def _render_and_store(
         context.routes[record.route] = result.refset
     result.timings["fetch_s"] = round(fetch_s, 4)
     meta = context.state.campaign_meta(campaign_id)
-    key = output_key(meta["output_prefix"], campaign_id, record.local_id)
+    key = output_key(meta["output_prefix"], campaign_id, record.local_id, job.format)
     upload_started = time.perf_counter()
-    wrote = context.storage.put_if_absent(key, *_png(context, job_id, job, result))
+    wrote = context.storage.put_if_absent(key, *_encoded(context, job_id, job, result))
     result.timings["upload_s"] = round(time.perf_counter() - upload_started, 4)
     if not wrote:
         _check_own_earlier_write(context, key, job_id)
@@ -207,10 +206,10 @@ def _check_own_earlier_write(context: WorkerContext, key: str, job_id: str) -> N
     log.info("%s already in storage: an earlier attempt wrote it; not writing it twice", key)
 
 
-def _png(
+def _encoded(
     context: WorkerContext, job_id: str, job: GenerateJob | EditJob, result: ImageResult
 ) -> tuple[bytes, str, dict[str, str]]:
-    """PNG bytes carrying the full record; S3 metadata carries an ASCII subset."""
+    """The image in the job's format carrying the full record; S3 metadata carries an ASCII subset."""
     record = {
         "job": job_id,
         "prompt": job.prompt,
@@ -218,16 +217,14 @@ def _png(
         "width": job.width,
         "height": job.height,
         "steps": job.steps,
+        "format": job.format,
         "model": context.engine.model,
         "references": [redact(url) for url in getattr(job, "references", [])],
         "refset": result.refset,
         "kv": result.kv,
         "timings": result.timings,
     }
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt("kleinfarm", json.dumps(record))
-    buffer = io.BytesIO()
-    result.image.save(buffer, format="PNG", pnginfo=info)
+    data = encode_image(result.image, job.format, job.quality, record)
     ascii_meta = {
         "job": job_id,
         "seed": str(job.seed),
@@ -237,17 +234,7 @@ def _png(
         "prompt": job.prompt[:ASCII_PROMPT_CHARS],
         "render-s": str(result.timings.get("render_s", "")),
     }
-    return buffer.getvalue(), "image/png", {name: header_value(value) for name, value in ascii_meta.items()}
-
-
-def header_value(text: str) -> str:
-    """``text`` as an S3 metadata value, which travels as an HTTP header: printable ASCII only.
-
-    A newline (a YAML ``prompt: |``) would end the header, and a control or non-ASCII character is
-    refused or mangled on the way; the PNG keeps the full text.
-    """
-    printable = "".join(char if " " <= char <= "~" else (" " if char.isspace() else "?") for char in text)
-    return " ".join(printable.split())  # no runs of spaces, none at either end: S3 trims them
+    return data, CONTENT_TYPES[job.format], {name: header_value(value) for name, value in ascii_meta.items()}
 
 
 def _back_off(context: WorkerContext, job_id: str, attempt: int, ending: Ending) -> str:
