@@ -153,12 +153,16 @@ class FarmState:
 
     def cancel_reason(self, campaign_id: str) -> str | None:
         """Why the campaign's jobs must stop, or None while they may run."""
-        names = ["cancel_requested", "failed_reason"]
-        fields: list[str | None] = self.redis.hmget(keys.campaign(campaign_id), names)  # type: ignore[assignment]
-        requested, failed = fields
-        if requested != "1":
-            return None
-        return f"campaign failed: {failed}" if failed else "campaign cancelled"
+        fields: list[str | None] = self.redis.hmget(keys.campaign(campaign_id), CANCEL_FIELDS)  # type: ignore[assignment]
+        return _cancel_reason(*fields)
+
+    def step_done(self, job_id: str, step: int, total: int) -> str | None:
+        """Record a job's progress and say whether its campaign asks it to stop: one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.job(job_id), "progress", f"{step}/{total}")
+        pipe.hmget(keys.campaign(keys.campaign_of(job_id)), CANCEL_FIELDS)
+        _progress, fields = pipe.execute()
+        return _cancel_reason(*fields)
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -277,9 +281,16 @@ class FarmState:
         rows: list[str | None] = self.redis.hmget(keys.ROUTING, job_ids)  # type: ignore[assignment]
         return [RoutingInfo.decode(row) if row else None for row in rows]
 
-    def set_progress(self, job_id: str, step: int, total: int) -> None:
-        self.redis.hset(keys.job(job_id), "progress", f"{step}/{total}")
-
     def wake_dispatcher(self, reason: str) -> None:
         """Tell the dispatcher leader to look at the queue now."""
         self.redis.lpush(keys.WAKE, reason)
+
+
+# The campaign fields that stop its jobs: a cancel (or a failure over the error limit) and why.
+CANCEL_FIELDS = ["cancel_requested", "failed_reason"]
+
+
+def _cancel_reason(requested: str | None, failed: str | None) -> str | None:
+    if requested != "1":
+        return None
+    return f"campaign failed: {failed}" if failed else "campaign cancelled"

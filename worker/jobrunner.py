@@ -150,9 +150,9 @@ def _render_and_store(
     def on_step(done: int, total: int) -> None:
         if done == 1:  # a job handed over since this one started waits in the slot behind it
             _encode_ahead(context, job_id)
-        context.state.set_progress(job_id, done, total)
+        reason = context.state.step_done(job_id, done, total)  # progress and the cancel check together
         send_event("task-progress", job=job_id, step=done, total=total)
-        if done < total and (reason := context.state.cancel_reason(campaign_id)):
+        if done < total and reason:
             raise JobCancelledError(f"{reason} (stopped at step {done} of {total})")
 
     result = context.engine.render(job, [(ref.digest, ref.image) for ref in references], on_step)
