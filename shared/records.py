@@ -44,6 +44,7 @@ class JobRecord:
     kv: str | None = None
     timings: dict[str, float] | None = None
     started: float | None = None
+    finished: float | None = None
     progress: str | None = None
 
     @classmethod
@@ -65,6 +66,7 @@ class JobRecord:
             kv=fields.get("kv") or None,
             timings=json.loads(fields["timings"]) if fields.get("timings") else None,
             started=float(fields["started"]) if fields.get("started") else None,
+            finished=float(fields["finished"]) if fields.get("finished") else None,
             progress=fields.get("progress") or None,
         )
 

@@ -64,6 +64,25 @@ def bench_fp8(
     run(shapes, device)
 
 
+@bench_app.command("farm")
+def bench_farm(
+    jobs: int = 200,
+    sets: Annotated[int, typer.Option(help="Reference sets (2 to 4 references each)")] = 8,
+    size: Annotated[int, typer.Option(help="Output side in px (1024 with the full-size model)")] = 256,
+    ref_px: Annotated[int, typer.Option(help="Reference side in px")] = 256,
+    devices: Annotated[
+        str, typer.Option(help="One worker per device, comma-separated: cpu,cpu or cuda:0,cuda:1")
+    ] = "cpu,cpu",
+    model: Annotated[str | None, typer.Option(help="Local folder or Hub id (default: the tiny random model)")] = None,
+) -> None:
+    """A whole farm on one campaign against a plain Celery farm running Flux2KleinKVPipeline per job."""
+    from kleinfarm.producer.bench.farm import FarmPlan, run
+
+    plan = FarmPlan(jobs=jobs, sets=sets, size=size, ref_px=ref_px, devices=tuple(devices.split(",")), model=model)
+    summary = run(plan)
+    raise typer.Exit(0 if summary["all_rendered"] else 1)
+
+
 @bench_app.command("routing")
 def bench_routing(
     workers: Annotated[int, typer.Option(help="Workers (GPUs) to simulate")] = 8,
