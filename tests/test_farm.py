@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,20 @@ def test_a_quality_for_a_png_is_refused_before_submit_naming_the_field(tmp_path:
     file.write_text('{"prompt": "p", "quality": 80}\n')
     with pytest.raises(CampaignFileError, match="quality=80 applies to format jpeg or webp"):
         load_campaign(file)
+
+
+def test_a_worker_starts_its_next_render_while_the_last_image_is_being_stored(
+    client: FarmClient, workers: WorkerPool
+) -> None:
+    handle = client.submit(
+        Campaign.from_raw("pipelined", [{"prompt": f"p{i}"} for i in range(8)], defaults={"width": 256, "height": 256})
+    )
+    assert handle.wait(progress=False, timeout=WAIT_S).succeeded == 8
+    records = [record for record in client.state.jobs(handle.id)]
+    overlaps = 0
+    for worker in {record.worker for record in records}:
+        mine = sorted((r for r in records if r.worker == worker), key=lambda r: r.started or 0.0)
+        for earlier, later in pairwise(mine):
+            assert earlier.finished is not None and later.started is not None
+            overlaps += later.started < earlier.finished  # claimed before the earlier one was recorded
+    assert overlaps > 0

@@ -226,3 +226,28 @@ def test_failures_are_classified_by_whose_fault_they_are() -> None:
     assert classify(unreachable) == Fault.TRANSIENT
     assert classify(caused(StorageError("writing"), unreachable)) == Fault.TRANSIENT
     assert classify(ValueError("a bug")) == Fault.WORKER
+
+
+def test_a_worker_killed_after_rendering_and_before_storing_leaves_its_job_rendered_again_and_stored_once(
+    fault_farm: FaultFarm, storage: Storage
+) -> None:
+    client, state = fault_farm.client, fault_farm.client.state
+    (worker,) = fault_farm.pool.alive()
+    fault_farm.proxy.cut()  # the finisher's upload hangs on a dead S3 while the card moves on
+    try:
+        handle = client.submit(Campaign.from_raw("killed-storing", [{"prompt": "p", "width": 256, "height": 256}]))
+        (job_id,) = state.job_ids(handle.id)
+        wait_for(lambda: state.job(job_id).progress == "4/4", "the render to end")
+        assert state.job(job_id).state == JobState.RUNNING  # rendered, not yet stored
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    finally:
+        fault_farm.proxy.restore()
+    fault_farm.pool.start(1)
+    status = handle.wait(progress=False, timeout=WAIT_S)
+    assert (status.succeeded, status.failed) == (1, 0)
+    record = state.job(job_id)
+    assert record.attempt >= 2 and state.redis.hget(keys.job(job_id), "lost") == "1"
+    assert record.key is not None and storage.metadata(record.key)["job"] == job_id
+    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"kleinfarm/{handle.id}/")
+    assert [item["Key"] for item in listed["Contents"] if not item["Key"].endswith(".jsonl")] == [record.key]

@@ -15,6 +15,7 @@ from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.state import FarmState
 from kleinfarm.shared.storage import Storage
 from kleinfarm.worker.farm.speed import SpeedMeter
+from kleinfarm.worker.finisher import Finisher
 
 if TYPE_CHECKING:
     from kleinfarm.worker.engine import RenderEngine
@@ -49,6 +50,7 @@ class WorkerContext:
     # Routing key -> the content key its references were cached under.
     routes: dict[str, str] = field(default_factory=dict)
     speed: SpeedMeter = field(default_factory=lambda: SpeedMeter(1.0))
+    finisher: Finisher = field(default_factory=Finisher)
     registered: bool = False  # a heartbeat has registered this worker's identity
 
     def held_routes(self) -> list[str]:

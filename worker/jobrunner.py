@@ -96,50 +96,99 @@ def run_job(context: WorkerContext, job_id: str, attempt: int, send_event: Event
         context.registry.give_back(job_id, context.worker_id, f"its campaign runs {model}", attempt=attempt)
         log.info("%s runs on %s, not %s: given back", job_id, model, context.engine.model)
         return JobState.PENDING
-    with HELD.holding(job_id), log_context(campaign=keys.campaign_of(job_id), job=job_id):
-        state, worker, started = context.state, context.worker_id, time.time()
-        claim = state.move(
-            job_id, Move.CLAIM, JobState.RUNNING, if_attempt=attempt, if_worker=worker, fields={"started": str(started)}
-        )
-        if not claim.changed:
-            # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
-            log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.previous or "unknown")
-            return claim.previous
-        if context.metrics is not None:
-            submitted = state.redis.hget(keys.campaign(keys.campaign_of(job_id)), "created")
-            context.metrics.job_started(started - float(str(submitted)) if submitted else None)
-        try:
-            ending = _execute(context, job_id, send_event)
-            if ending.fault == Fault.TRANSIENT:
-                return _back_off(context, job_id, attempt, ending)
-            return _finish(context, job_id, attempt, ending)
-        finally:
-            _persist(lambda: context.registry.release(worker, job_id))
+    HELD.add(job_id)  # held until recorded: by this thread, or by the finisher after a render
+    handed_over = False
+    try:
+        with log_context(campaign=campaign_id, job=job_id):
+            state, worker, started = context.state, context.worker_id, time.time()
+            claim = state.move(
+                job_id,
+                Move.CLAIM,
+                JobState.RUNNING,
+                if_attempt=attempt,
+                if_worker=worker,
+                fields={"started": str(started)},
+            )
+            if not claim.changed:
+                # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
+                log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.previous or "unknown")
+                return claim.previous
+            if context.metrics is not None:
+                submitted = state.redis.hget(keys.campaign(campaign_id), "created")
+                context.metrics.job_started(started - float(str(submitted)) if submitted else None)
+            outcome = _execute(context, job_id, send_event)
+            if isinstance(outcome, Ending):
+                return _end(context, job_id, attempt, outcome)
+            context.finisher.hand_over(lambda: _store_and_end(context, job_id, attempt, outcome))
+            handed_over = True
+            return JobState.RUNNING  # rendered; its image is stored and its job recorded off this path
+    finally:
+        if not handed_over:
+            _let_go(context, job_id)
 
 
-def _execute(context: WorkerContext, job_id: str, send_event: EventSender) -> Ending:
-    """Run the job; return how it ended and, for a failure, whose fault it was."""
+def _end(context: WorkerContext, job_id: str, attempt: int, ending: Ending) -> str:
+    """Record how the attempt ended: back to the queue after a transient fault, else its final state."""
+    if ending.fault == Fault.TRANSIENT:
+        return _back_off(context, job_id, attempt, ending)
+    return _finish(context, job_id, attempt, ending)
+
+
+def _store_and_end(context: WorkerContext, job_id: str, attempt: int, rendered: Rendered) -> None:
+    """The finisher's part: store the image, record the outcome, give the slot back."""
+    try:
+        with log_context(campaign=keys.campaign_of(job_id), job=job_id):
+            try:
+                ending = Ending(JobState.SUCCEEDED, _store(context, rendered))
+            except Exception as error:  # noqa: BLE001 - classified (and logged) by _failure
+                ending = _failure(job_id, error)
+            _end(context, job_id, attempt, ending)
+    finally:
+        _let_go(context, job_id)
+
+
+def _let_go(context: WorkerContext, job_id: str) -> None:
+    """The job is recorded: it leaves the heartbeat's list and frees its slot."""
+    HELD.remove(job_id)
+    _persist(lambda: context.registry.release(context.worker_id, job_id))
+
+
+@dataclass
+class Rendered:
+    """A job whose image is rendered and not yet stored."""
+
+    record: JobRecord
+    job: GenerateJob | EditJob
+    result: ImageResult
+    fields: dict[str, str]
+
+
+def _execute(context: WorkerContext, job_id: str, send_event: EventSender) -> Ending | Rendered:
+    """Render the job; return its image, or how it ended and, for a failure, whose fault it was."""
     try:
         if reason := context.state.cancel_reason(keys.campaign_of(job_id)):
             raise JobCancelledError(reason)
         record = context.state.job(job_id)
         job = JOB_ADAPTER.validate_python(record.spec)
-        return Ending(JobState.SUCCEEDED, _render_and_store(context, record, job, send_event))
+        return _render(context, record, job, send_event)
     except JobCancelledError as error:
         return Ending(JobState.CANCELLED, {"error": str(error)})
-    except Exception as error:  # one bad job must not take the worker down
-        fault = classify(error)
-        if fault == Fault.WORKER:
-            log.exception("job %s failed unexpectedly", job_id)
-            return Ending(JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}, fault)
-        text = str(error) if isinstance(error, KleinfarmError) else f"{type(error).__name__}: {error}"
-        return Ending(JobState.FAILED, {"error": text}, fault)
+    except Exception as error:  # noqa: BLE001 - one bad job must not take the worker down: _failure logs it
+        return _failure(job_id, error)
 
 
-def _render_and_store(
-    context: WorkerContext, record: JobRecord, job: GenerateJob | EditJob, send_event: EventSender
-) -> dict[str, str]:
-    job_id, campaign_id = record.job_id, record.campaign_id
+def _failure(job_id: str, error: Exception) -> Ending:
+    """How an attempt that raised ``error`` ends, and whose fault it is."""
+    fault = classify(error)
+    if fault == Fault.WORKER:
+        log.exception("job %s failed unexpectedly", job_id)
+        return Ending(JobState.FAILED, {"error": f"internal error: {type(error).__name__}: {error}"}, fault)
+    text = str(error) if isinstance(error, KleinfarmError) else f"{type(error).__name__}: {error}"
+    return Ending(JobState.FAILED, {"error": text}, fault)
+
+
+def _render(context: WorkerContext, record: JobRecord, job: GenerateJob | EditJob, send_event: EventSender) -> Rendered:
+    job_id = record.job_id
     context.engine.prompts.start(job.prompt)  # its own prompt first, encoded while references arrive
     fetch_started = time.perf_counter()
     references = [context.fetcher.fetch(url) for url in getattr(job, "references", [])]
@@ -162,6 +211,13 @@ def _render_and_store(
     if result.refset and record.route:
         context.routes[record.route] = result.refset
     result.timings["fetch_s"] = round(fetch_s, 4)
+    return Rendered(record, job, result, fields)
+
+
+def _store(context: WorkerContext, rendered: Rendered) -> dict[str, str]:
+    """Encode and upload the image (once: a retry finds its own earlier write); the job's fields."""
+    record, job, result, job_id = rendered.record, rendered.job, rendered.result, rendered.record.job_id
+    campaign_id = record.campaign_id
     meta = context.state.campaign_meta(campaign_id)
     key = output_key(meta["output_prefix"], campaign_id, record.local_id, job.format)
     upload_started = time.perf_counter()
@@ -169,7 +225,7 @@ def _render_and_store(
     result.timings["upload_s"] = round(time.perf_counter() - upload_started, 4)
     if not wrote:
         _check_own_earlier_write(context, key, job_id)
-    return {**fields, "key": key, "timings": json.dumps(result.timings)}
+    return {**rendered.fields, "key": key, "timings": json.dumps(result.timings)}
 
 
 def _encode_ahead(context: WorkerContext, job_id: str) -> None:

@@ -87,6 +87,7 @@ def run_worker(
             ]
         )
     finally:
+        ctx.finisher.drain()  # the last rendered job is stored and recorded before the worker goes
         stop.set()
         dispatcher.stop()
         requeued = ctx.registry.retire(ctx.worker_id, reason="worker stopped")

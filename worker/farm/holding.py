@@ -13,21 +13,27 @@ from contextlib import contextmanager
 
 
 class HeldJobs:
-    """A thread-safe set of job ids: the task thread adds and removes, the heartbeat reads."""
+    """A thread-safe set of job ids: the task thread adds, it or the finisher removes, the heartbeat reads."""
 
     def __init__(self) -> None:
         self._jobs: set[str] = set()
         self._lock = threading.Lock()
 
-    @contextmanager
-    def holding(self, job_id: str) -> Iterator[None]:
+    def add(self, job_id: str) -> None:
         with self._lock:
             self._jobs.add(job_id)
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.discard(job_id)
+
+    @contextmanager
+    def holding(self, job_id: str) -> Iterator[None]:
+        self.add(job_id)
         try:
             yield
         finally:
-            with self._lock:
-                self._jobs.discard(job_id)
+            self.remove(job_id)
 
     def snapshot(self) -> list[str]:
         with self._lock:
