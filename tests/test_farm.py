@@ -295,3 +295,18 @@ def test_a_worker_starts_its_next_render_while_the_last_image_is_being_stored(
             assert earlier.finished is not None and later.started is not None
             overlaps += later.started < earlier.finished  # claimed before the earlier one was recorded
     assert overlaps > 0
+
+
+def test_references_whose_kv_are_held_are_not_decoded_again(
+    client: FarmClient, storage: Storage, workers: WorkerPool
+) -> None:
+    ref = upload_reference(storage, "inputs/held-set.png", png_bytes((320, 320), "teal"))
+    decoded = []
+    for index in range(2):  # the second campaign's job goes to the worker holding the set
+        job = {"prompt": f"held {index}", "references": [ref], "width": 256, "height": 256}
+        handle = client.submit(Campaign.from_raw(f"held-{index}", [job]))
+        assert handle.wait(progress=False, timeout=WAIT_S).succeeded == 1
+        (job_id,) = client.state.job_ids(handle.id)
+        record = client.state.job(job_id)
+        decoded.append((record.kv, client.state.redis.hget(keys.job(job_id), "refs_decoded")))
+    assert decoded == [("miss", "1"), ("device", "0")]

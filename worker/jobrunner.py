@@ -191,7 +191,7 @@ def _render(context: WorkerContext, record: JobRecord, job: GenerateJob | EditJo
     job_id = record.job_id
     context.engine.prompts.start(job.prompt)  # its own prompt first, encoded while references arrive
     fetch_started = time.perf_counter()
-    references = [context.fetcher.fetch(url) for url in getattr(job, "references", [])]
+    references = context.fetcher.fetch_set(getattr(job, "references", []), context.engine.holds)
     fetch_s = time.perf_counter() - fetch_started
 
     _encode_ahead(context, job_id)
@@ -208,6 +208,7 @@ def _render(context: WorkerContext, record: JobRecord, job: GenerateJob | EditJo
     _measure_speed(context, job_id, result)
     fields = {"refset": result.refset, "kv": result.kv} if result.refset else {}
     fields["prompt"] = result.prompt
+    fields["refs_decoded"] = str(sum(ref.decoded for ref in references))
     if result.refset and record.route:
         context.routes[record.route] = result.refset
     result.timings["fetch_s"] = round(fetch_s, 4)

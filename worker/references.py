@@ -48,6 +48,7 @@ class Reference:
     url: str
     digest: str
     image: Image.Image
+    decoded: bool = True  # False: only its header was read (its set's K/V are held)
 
 
 class ReferenceCache:
@@ -140,14 +141,25 @@ class ReferenceFetcher:
         self.cache = ReferenceCache(settings.cache_dir / "references", settings.reference_cache_mb << 20)
 
     def fetch(self, url: str) -> Reference:
-        data, remember = self._read(url)
-        image = self.check(url, data)  # before anything is kept: a bad file never reaches the cache
-        digest = content_digest(data)
-        remember(digest, data)
-        return Reference(url, digest, image)
+        return self.fetch_set([url], lambda _digests: False)[0]
 
-    def check(self, url: str, data: bytes) -> Image.Image:
-        """Decode ``data`` within the limits; raise a reference error naming the limit broken."""
+    def fetch_set(self, urls: list[str], held: Callable[[list[str]], bool]) -> list[Reference]:
+        """Fetch and check a job's references. When ``held(digests)`` says the set's K/V are held,
+        their pixels are not decoded: the same bytes were decoded and checked when the set was
+        built, and a hit never looks at them (their headers are still checked)."""
+        read = [(url, *self._read(url)) for url in urls]
+        digests = [content_digest(data) for _url, data, _remember in read]
+        decode = not (urls and held(digests))
+        references = []
+        for (url, data, remember), digest in zip(read, digests, strict=True):
+            image = self.check(url, data, decode)  # before anything is kept: a bad file never reaches the cache
+            remember(digest, data)
+            references.append(Reference(url, digest, image, decode))
+        return references
+
+    def check(self, url: str, data: bytes, decode: bool = True) -> Image.Image:
+        """Decode ``data`` within the limits (only its header unless ``decode``); raise a reference
+        error naming the limit broken."""
         url = redact(url)  # a pre-signed URL's signature must not reach the job's error message
         try:
             with warnings.catch_warnings():
@@ -171,6 +183,8 @@ class ReferenceFetcher:
                 f"reference {url} is {width}x{height}: sides must be at least {MIN_REFERENCE_SIDE} px "
                 f"and the aspect ratio at most {MAX_REFERENCE_ASPECT}:1"
             )
+        if not decode:
+            return image  # opened lazily: its pixels are read only if something asks for them
         try:
             image.load()
         except (OSError, SyntaxError) as error:

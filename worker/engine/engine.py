@@ -368,6 +368,10 @@ class RenderEngine:
             self.kv_cache.put(refs.keep_as, from_diffusers(refs.kv))
         return noise  # type: ignore[no-any-return]
 
+    def holds(self, digests: list[str]) -> bool:
+        """Whether the K/V of the reference set with these content digests are held (either tier)."""
+        return reference_set_key(self.model, digests) in self.kv_cache.held_keys()
+
     def encode_ahead(self, prompts: list[str]) -> int:
         """Encode the prompts of jobs this worker holds while the current one renders."""
         return self.prompts.ahead(prompts)
@@ -405,6 +409,7 @@ class RenderEngine:
         multiple = pipe.vae_scale_factor * 2
         prepared = []
         for image in images:
+            image = image.convert("RGB")  # reads the pixels of a reference opened lazily (a held set's)
             if image.width * image.height > REFERENCE_MAX_AREA:
                 image = pipe.image_processor._resize_to_target_area(image, REFERENCE_MAX_AREA)
             width, height = (image.width // multiple) * multiple, (image.height // multiple) * multiple
