@@ -17,6 +17,7 @@ from kleinfarm.shared.errors import KleinfarmError
 from kleinfarm.shared.manifest import report_key
 
 THUMB_PX = 192
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what the farm stores and accepts as references; no other parser runs
 REF_PX = 64
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
@@ -89,13 +90,14 @@ def _before(handle: CampaignHandle, references: list[str]) -> str:
 def _reference_thumbnail(handle: CampaignHandle, key: str) -> str | None:
     """A reference's thumbnail; None for one that is gone or not an image (the job's card says why)."""
     try:
-        return _thumbnail(handle, key, REF_PX)
-    except (KleinfarmError, OSError):
+        return _thumbnail(handle, key, REF_PX, handle.client.settings.reference_max_bytes)
+    except (KleinfarmError, OSError, Image.DecompressionBombError):
         return None
 
 
-def _thumbnail(handle: CampaignHandle, key: str, side: int = THUMB_PX) -> str:
-    with Image.open(io.BytesIO(handle.client.storage.get(key))) as image:
+def _thumbnail(handle: CampaignHandle, key: str, side: int = THUMB_PX, max_bytes: int | None = None) -> str:
+    data = handle.client.storage.get(key, max_bytes=max_bytes)
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
         image.thumbnail((side, side))
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")

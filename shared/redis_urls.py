@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import redis
 from redis.sentinel import Sentinel
@@ -40,19 +40,20 @@ class SentinelURL:
     sentinels: tuple[tuple[str, int], ...]
     password: str | None
     db: int
+    username: str | None = None  # a Redis ACL user, as kombu sends it
 
     @classmethod
     def parse(cls, url: str) -> SentinelURL:
-        sentinels, password, db = [], None, 0
-        for part in url.split(";"):
-            parsed = urlparse(part.strip())
-            if parsed.scheme != SENTINEL_SCHEME or not parsed.hostname:
-                raise ConfigError(f"KLEINFARM_REDIS_URL: {part!r} is not sentinel://HOST:PORT")
-            sentinels.append((parsed.hostname, parsed.port or 26379))
-            password = password or parsed.password
-            if parsed.path.strip("/"):
-                db = int(parsed.path.strip("/"))
-        return cls(tuple(sentinels), password, db)
+        """As kombu reads it: every part names a Sentinel; the first names the credentials and database."""
+        parts = [urlparse(part.strip()) for part in url.split(";")]
+        for part in parts:
+            if part.scheme != SENTINEL_SCHEME or not part.hostname:
+                raise ConfigError(f"KLEINFARM_REDIS_URL: {part.geturl()!r} is not sentinel://HOST:PORT")
+        first = parts[0]
+        password = unquote(first.password) if first.password else None
+        username = unquote(first.username) if first.username else None
+        db = int(first.path.strip("/") or 0)
+        return cls(tuple((part.hostname or "", part.port or 26379) for part in parts), password, db, username)
 
 
 def connect(settings: FarmSettings) -> redis.Redis:
@@ -65,10 +66,10 @@ def connect(settings: FarmSettings) -> redis.Redis:
         socket_timeout=SOCKET_TIMEOUT_S,
         sentinel_kwargs=_sentinel_auth(settings) or None,
         password=parsed.password,
+        username=parsed.username,
     )
-    return sentinel.master_for(  # type: ignore[no-any-return, no-untyped-call]
-        settings.redis_sentinel_master, decode_responses=True, db=parsed.db, socket_timeout=SOCKET_TIMEOUT_S
-    )
+    # No socket timeout on the master: the dispatcher blocks on it for a tick at a time.
+    return sentinel.master_for(settings.redis_sentinel_master, decode_responses=True, db=parsed.db)  # type: ignore[no-any-return, no-untyped-call]
 
 
 def celery_transport_options(settings: FarmSettings) -> dict[str, Any]:
@@ -94,6 +95,8 @@ def redbeat_settings(settings: FarmSettings) -> dict[str, Any]:
     }
     if parsed.password:
         options["password"] = parsed.password
+    if parsed.username:
+        options["username"] = parsed.username
     if auth := _sentinel_auth(settings):
         options["sentinel_kwargs"] = auth
     return {"redbeat_redis_url": "redis-sentinel://", "redbeat_redis_options": options}

@@ -143,7 +143,7 @@ def test_a_campaign_stays_on_the_model_revision_it_started_on_while_the_farm_is_
     left = handle.status().pending
     assert left > 0
     wait_for(lambda: handle.status().waiting is not None, "the campaign to say why it waits")
-    assert handle.status().waiting == f"waiting: no live worker runs {label}@rev-b, the model its first jobs ran on"
+    assert handle.status().waiting == f"waiting: no live worker runs {label}@rev-b, the model it is pinned to"
     assert handle.status().pending == left  # none went to the rev-a card
 
     fleet.env["KLEINFARM_MODEL_REVISION"] = "rev-b"

@@ -38,6 +38,8 @@ def test_a_sentinel_url_names_the_sentinels_the_password_and_the_database() -> N
     parsed = SentinelURL.parse("sentinel://:pw@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://h3:5000")
     assert parsed.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379), ("h3", 5000))
     assert (parsed.password, parsed.db) == ("pw", 2)
+    encoded = SentinelURL.parse("sentinel://farm:p%40ss@h:1/3;sentinel://other:pw@h2:2/5")
+    assert (encoded.username, encoded.password, encoded.db) == ("farm", "p@ss", 3)  # the first part's, decoded
 
 
 def test_the_farm_goes_on_when_the_master_dies_mid_campaign_and_every_job_ends_once(

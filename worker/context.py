@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,8 @@ class WorkerContext:
     worker_id: str
     identity: str
     counters: dict[str, int] = field(default_factory=lambda: {"succeeded": 0, "failed": 0, "cancelled": 0})
+    # The task thread and the finisher both end jobs.
+    counters_lock: threading.Lock = field(default_factory=threading.Lock)
     metrics: WorkerMetrics | None = None
     metrics_port: int | None = None
     # Routing key -> the content key its references were cached under.

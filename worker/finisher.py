@@ -28,7 +28,11 @@ class Finisher:
     def hand_over(self, store: Callable[[], None]) -> None:
         """Store in the background; waits while the previous job is still being stored."""
         self._slot.acquire()
-        self._executor.submit(self._run, store)
+        try:
+            self._executor.submit(self._run, store)
+        except BaseException:  # not submitted (the executor is shutting down): the slot is free again
+            self._slot.release()
+            raise
 
     def drain(self) -> None:
         """Wait until the job in flight, if any, is stored (before the worker stops)."""

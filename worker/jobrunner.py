@@ -96,23 +96,20 @@ def run_job(context: WorkerContext, job_id: str, attempt: int, send_event: Event
         context.registry.give_back(job_id, context.worker_id, f"its campaign runs {model}", attempt=attempt)
         log.info("%s runs on %s, not %s: given back", job_id, model, context.engine.model)
         return JobState.PENDING
+    with log_context(campaign=campaign_id, job=job_id):
+        state, worker, started = context.state, context.worker_id, time.time()
+        claim = state.move(
+            job_id, Move.CLAIM, JobState.RUNNING, if_attempt=attempt, if_worker=worker, fields={"started": str(started)}
+        )
+        if not claim.changed:
+            # A late redelivery of a job since done, requeued or cancelled: it is someone else's now,
+            # and so are its slot and its hold (nothing is given back for it here).
+            log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.previous or "unknown")
+            return claim.previous
     HELD.add(job_id)  # held until recorded: by this thread, or by the finisher after a render
     handed_over = False
     try:
         with log_context(campaign=campaign_id, job=job_id):
-            state, worker, started = context.state, context.worker_id, time.time()
-            claim = state.move(
-                job_id,
-                Move.CLAIM,
-                JobState.RUNNING,
-                if_attempt=attempt,
-                if_worker=worker,
-                fields={"started": str(started)},
-            )
-            if not claim.changed:
-                # A late redelivery of a job since done, requeued or cancelled: it is someone else's now.
-                log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.previous or "unknown")
-                return claim.previous
             if context.metrics is not None:
                 submitted = state.redis.hget(keys.campaign(campaign_id), "created")
                 context.metrics.job_started(started - float(str(submitted)) if submitted else None)
@@ -332,7 +329,8 @@ def _finish(context: WorkerContext, job_id: str, attempt: int, ending: Ending) -
     if not outcome.changed:
         log.warning("%s was taken from this worker while it ran (now %s)", job_id, outcome.previous)
         return outcome.previous
-    context.counters[str(final)] = context.counters.get(str(final), 0) + 1
+    with context.counters_lock:
+        context.counters[str(final)] = context.counters.get(str(final), 0) + 1
     if context.metrics is not None:
         context.metrics.job_ended(str(final), json.loads(fields.get("timings", "{}")).get("total_s"))
     campaign_id = keys.campaign_of(job_id)

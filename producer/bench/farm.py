@@ -32,6 +32,7 @@ from rich.console import Console
 
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.producer.localfarm.services import RedisServer, S3Server
+from kleinfarm.shared.errors import FarmTimeoutError
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.settings import FarmSettings
@@ -106,7 +107,7 @@ def figures(name: str, timings: list[JobTiming], submitted: float, jobs: int) ->
         span = max(t.finished for t in mine) - min(t.started for t in mine)
         busy[worker] = round(sum(t.engine_s for t in mine) / span, 3) if span > 0 else None
     row.update(
-        images_per_hour=round(len(timings) * 3600 / (last - first), 1),
+        images_per_hour=round(len(timings) * 3600 / (last - first), 1) if last > first else None,
         wall_s=round(last - first, 2),
         latency_p50_s=round(statistics.median(latencies), 2),
         latency_p95_s=round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2),
@@ -171,7 +172,10 @@ def run_kleinfarm(plan: FarmPlan, env: dict[str, str], jobs: list[dict[str, Any]
         ]
         submitted = time.time()
         handle = client.submit(Campaign.from_raw("bench-farm", [_without_empty(job) for job in with_keys]))
-        handle.wait(progress=True, timeout=plan.deadline_s)
+        try:
+            handle.wait(progress=True, timeout=plan.deadline_s)
+        except FarmTimeoutError as error:  # what did render is still reported; the rest counts as not rendered
+            console.print(f"[red]{error}[/red]")
         timings = [
             JobTiming(
                 str(record.worker),
@@ -218,14 +222,21 @@ def run_plain(plan: FarmPlan, env: dict[str, str], jobs: list[dict[str, Any]], l
             )
         results = FarmSettings(redis_url=env["PLAIN_REDIS_URL"])
         redis_client = FarmClient(results).state.redis
-        wait_until(
-            lambda: redis_client.hlen(f"plainbench:{run}") >= len(jobs),
-            "the plain farm's jobs",
-            processes,
-            plan.deadline_s,
-        )
+        try:
+            wait_until(
+                lambda: redis_client.hlen(f"plainbench:{run}") >= len(jobs),
+                "the plain farm's jobs",
+                processes,
+                plan.deadline_s,
+            )
+        except RuntimeError as error:  # what did render is still reported; the rest counts as not rendered
+            console.print(f"[red]{error}[/red]")
         rows = [json.loads(raw) for raw in redis_client.hvals(f"plainbench:{run}")]
-        timings = [JobTiming(row["worker"], row["started"], row["finished"], row["engine_s"]) for row in rows]
+        timings = [
+            JobTiming(row["worker"], row["started"], row["finished"], row["engine_s"])
+            for row in rows
+            if "error" not in row
+        ]
         return figures("plain celery + Flux2KleinKVPipeline", timings, submitted, len(jobs))
     finally:
         processes.stop()

@@ -77,11 +77,20 @@ def _clients() -> tuple[Any, Any]:
 
 @app.task(name=TASK, bind=True)  # type: ignore[untyped-decorator]
 def render(self: Any, job: dict[str, Any]) -> None:
+    """Render and upload one job; record its timings, or its failure (a job that failed is accounted for)."""
+    started = time.time()
+    s3, redis_client = _clients()
+    try:
+        record = _render(self.request.hostname, job, s3, started)
+    except Exception as error:  # noqa: BLE001 - the bench reports it; the worker goes on
+        record = {"worker": self.request.hostname, "error": f"{type(error).__name__}: {error}"[:300]}
+    redis_client.hset(f"plainbench:{os.environ['PLAIN_RUN']}", job["id"], json.dumps(record))
+
+
+def _render(hostname: str, job: dict[str, Any], s3: Any, started: float) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    started = time.time()
-    s3, redis_client = _clients()
     bucket = os.environ["PLAIN_S3_BUCKET"]
     references = []
     for key in job["references"]:
@@ -104,5 +113,4 @@ def render(self: Any, job: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     s3.put_object(Bucket=bucket, Key=f"plain/{job['id']}.png", Body=buffer.getvalue(), ContentType="image/png")
-    record = {"worker": self.request.hostname, "started": started, "finished": time.time(), "engine_s": engine_s}
-    redis_client.hset(f"plainbench:{os.environ['PLAIN_RUN']}", job["id"], json.dumps(record))
+    return {"worker": hostname, "started": started, "finished": time.time(), "engine_s": engine_s}

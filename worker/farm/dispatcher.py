@@ -117,6 +117,7 @@ class Dispatcher:
             return 0
         job_ids: list[str] = self.state.redis.zrange(keys.PENDING, 0, WINDOW_JOBS - 1)  # type: ignore[assignment]
         if not job_ids:
+            self._write_notes(set(), {})  # nothing pends: no campaign waits
             return 0
         dispatched = 0
         round = self._round(job_ids, views)
@@ -143,8 +144,8 @@ class Dispatcher:
 
         Such a job stays pending (never failed, never handed to a card that would fail it) and runs
         once a worker that can run it joins."""
-        capabilities = {view.report.engine.capability for view in views.values()}
-        live_models = {view.report.model for view in views.values()}
+        capabilities = {view.report.engine.capability for view in views.values() if not view.report.draining}
+        live_models = {view.report.model for view in views.values() if not view.report.draining}
         runnable: dict[JobShape, bool] = {}
         waiting: dict[str, str] = {}
         campaigns: set[str] = set()
@@ -154,26 +155,32 @@ class Dispatcher:
             campaigns.add(job.campaign)
             model = self.models.get(job.campaign)
             if model is not None and model not in live_models:
-                waiting[job.campaign] = f"waiting: no live worker runs {model}, the model its first jobs ran on"
+                waiting[job.campaign] = f"waiting: no live worker runs {model}, the model it is pinned to"
             if job.shape is None or job.campaign in waiting:
                 continue
             if job.shape not in runnable:
                 runnable[job.shape] = any(cap is None or cap.fits(job.shape) for cap in capabilities)
             if not runnable[job.shape]:
                 waiting[job.campaign] = f"waiting: no live worker can run {job.shape.describe()}"
+        self._write_notes(campaigns, waiting)
+
+    def _write_notes(self, campaigns: set[str], waiting: dict[str, str]) -> None:
+        """Write the notes that changed; a campaign noted earlier and gone from the window (or a
+        queue now empty) has nothing waiting any more, so its note is cleared."""
         pipe = self.state.redis.pipeline(transaction=False)
-        # A campaign noted earlier and gone from the window has nothing waiting any more: cleared too.
+        written: dict[str, str] = {}
         for campaign in campaigns | {name for name, note in self._waiting_said.items() if note}:
-            note = waiting.get(campaign)
-            if self._waiting_said.get(campaign) == (note or ""):
+            note = waiting.get(campaign, "")
+            if self._waiting_said.get(campaign) == note:
                 continue  # written already: only changes go to Redis
             if note:
                 pipe.hset(keys.campaign(campaign), "waiting", note)
             else:
                 pipe.hdel(keys.campaign(campaign), "waiting")
-            self._waiting_said[campaign] = note or ""
-        pipe.execute()
-        self._waiting_said = {name: note for name, note in self._waiting_said.items() if note or name in campaigns}
+            written[campaign] = note
+        pipe.execute()  # remembered only once written: a failed write is tried again next round
+        said = {**self._waiting_said, **written}
+        self._waiting_said = {name: note for name, note in said.items() if note or name in campaigns}
 
     def _round(self, job_ids: list[str], views: dict[str, WorkerView]) -> Round:
         """The policy's whole input: the queue's head, the workers, who holds what, who is kept off what."""

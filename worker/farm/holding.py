@@ -8,6 +8,7 @@ to the queue.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,16 +17,19 @@ class HeldJobs:
     """A thread-safe set of job ids: the task thread adds, it or the finisher removes, the heartbeat reads."""
 
     def __init__(self) -> None:
-        self._jobs: set[str] = set()
+        # Counted: the finisher may still hold a job's earlier attempt while this thread holds its next.
+        self._jobs: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def add(self, job_id: str) -> None:
         with self._lock:
-            self._jobs.add(job_id)
+            self._jobs[job_id] += 1
 
     def remove(self, job_id: str) -> None:
         with self._lock:
-            self._jobs.discard(job_id)
+            self._jobs[job_id] -= 1
+            if self._jobs[job_id] <= 0:
+                del self._jobs[job_id]
 
     @contextmanager
     def holding(self, job_id: str) -> Iterator[None]:

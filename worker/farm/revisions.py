@@ -3,7 +3,7 @@ campaign's images must not mix them (the same seed and prompt give another image
 revision, and reference K/V of one revision are not the other's).
 
 Each campaign is pinned, the first time the dispatcher sees it, to the model that most live workers
-run (``WorkerReport.model``, ``id@revision``); workers running another are kept off it through the
+not being drained run (``WorkerReport.model``, ``id@revision``); workers running another are kept off it through the
 policy's exclusions (``Round.exclusions``), so nothing new is needed in the policies. A campaign
 whose revision no live worker runs waits, with a note saying so. The worker checks again when a
 job arrives (a job handed out before its campaign was pinned goes back, costing nothing).
@@ -25,7 +25,8 @@ MODEL_FIELD = "model"
 def pin_campaigns(client: redis.Redis, campaigns: Iterable[str], views: Iterable[WorkerView]) -> dict[str, str]:
     """Each campaign's model, pinning the unpinned ones to the model most live workers run."""
     ordered = sorted(campaigns)
-    live = Counter(view.report.model for view in views if view.report.model)
+    # Draining workers are on their way out (an upgrade drains the old revision first): not counted.
+    live = Counter(view.report.model for view in views if view.report.model and not view.report.draining)
     if not ordered:
         return {}
     pipe = client.pipeline(transaction=False)
