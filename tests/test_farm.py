@@ -309,4 +309,9 @@ def test_references_whose_kv_are_held_are_not_decoded_again(
         (job_id,) = client.state.job_ids(handle.id)
         record = client.state.job(job_id)
         decoded.append((record.kv, client.state.redis.hget(keys.job(job_id), "refs_decoded")))
+        registry = Registry(client.state, lapse_s=3)
+        deadline = time.monotonic() + WAIT_S
+        while not any(record.route in view.routes for view in registry.live_workers()):
+            assert time.monotonic() < deadline, "the holder never reported the set"  # its next heartbeat does
+            time.sleep(0.1)
     assert decoded == [("miss", "1"), ("device", "0")]
