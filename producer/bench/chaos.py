@@ -10,7 +10,6 @@ job. It prints one JSON object and exits non-zero when a promise is broken.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from rich.console import Console
 
 from kleinfarm.producer.bench.proxy import CuttableProxy
 from kleinfarm.producer.client import CampaignHandle, FarmClient
+from kleinfarm.producer.localfarm.processes import Processes
 from kleinfarm.producer.localfarm.services import RedisServer, S3Server
 from kleinfarm.shared.errors import FarmTimeoutError
 from kleinfarm.shared.jobs import Campaign
@@ -62,21 +62,17 @@ class Farm:
     client: FarmClient
     proxy: CuttableProxy
     log_dir: Path
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: Processes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.processes = Processes(self.log_dir)
 
     def start_worker(self) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"worker-{len(self.workers)}.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kleinfarm.producer", "worker"],
-            env={**os.environ, **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.workers.append(process)
-        return process
+        name = f"worker-{len(self.processes.children)}"
+        return self.processes.start(name, [sys.executable, "-m", "kleinfarm.producer", "worker"], self.env)
 
     def live(self) -> list[subprocess.Popen[bytes]]:
-        return [process for process in self.workers if process.poll() is None]
+        return self.processes.live()
 
     def wait_registered(self, processes: list[subprocess.Popen[bytes]]) -> None:
         registry = Registry(self.client.state, float(self.env["KLEINFARM_WORKER_LAPSE_S"]))
@@ -87,13 +83,7 @@ class Farm:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        for process in self.live():
-            process.terminate()
-        for process in self.workers:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        self.processes.stop()
 
 
 @contextmanager

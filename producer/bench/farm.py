@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ from PIL import Image
 from rich.console import Console
 
 from kleinfarm.producer.client import FarmClient
+from kleinfarm.producer.localfarm.processes import Processes
 from kleinfarm.producer.localfarm.services import RedisServer, S3Server
 from kleinfarm.shared.errors import FarmTimeoutError
 from kleinfarm.shared.jobs import Campaign
@@ -115,35 +114,6 @@ def figures(name: str, timings: list[JobTiming], submitted: float, jobs: int) ->
         kv_hits=sum(t.kv in ("device", "host") for t in timings),
     )
     return row
-
-
-class Processes:
-    """Child processes with their logs, stopped together."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.log_dir / f"{name}.log").open("wb") as log:
-            child = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        self.children.append(child)
-        return child
-
-    def check_alive(self) -> None:
-        if any(child.poll() is not None for child in self.children):
-            raise RuntimeError(f"a worker exited; logs in {self.log_dir}")
-
-    def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self.children:
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        self.children = []
 
 
 def wait_until(ready: Callable[[], bool], what: str, processes: Processes, timeout_s: float) -> None:
