@@ -49,6 +49,21 @@ class MoveOutcome:
         return cls(reply[0] == 1, str(reply[1]), int(reply[2]), int(reply[3] or 0))
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A claim's outcome and, when it happened, what the worker needs of the job (``FarmState.claim``)."""
+
+    outcome: MoveOutcome
+    record: JobRecord | None = None
+    campaign: dict[str, str] = field(default_factory=dict)  # CLAIM_CAMPAIGN_FIELDS that are set
+    routing: RoutingInfo | None = None
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the campaign's jobs must stop as of the claim, or None."""
+        return _cancel_reason(*(self.campaign.get(name) for name in CANCEL_FIELDS))
+
+
 @dataclass
 class NewJob:
     """A validated job ready to be written: its id in the campaign, its spec and what to show."""
@@ -202,6 +217,29 @@ class FarmState:
             condition["release"] = True
         return MoveOutcome.from_reply(self._call(job_id, target, condition, worker_id=release or ""))
 
+    def claim(self, job_id: str, attempt: int, worker_id: str, started: float) -> Claim:
+        """Move the job to running if it is still ``attempt`` with ``worker_id``, and read what the
+        worker needs of it in the same round trip: its record, its campaign's fixed fields and
+        cancel flags, and its routing row (the reads are discarded when the claim did not happen)."""
+        condition = self._condition(job_id, Move.CLAIM, JobState.RUNNING, {"started": str(started)})
+        condition.update(attempt=str(attempt), worker=worker_id)
+        campaign_key = keys.campaign(keys.campaign_of(job_id))
+        pipe = self.redis.pipeline(transaction=False)
+        self._call(job_id, JobState.RUNNING, condition, client=pipe)
+        pipe.hgetall(keys.job(job_id))
+        pipe.hmget(campaign_key, CLAIM_CAMPAIGN_FIELDS)
+        pipe.hget(keys.ROUTING, job_id)
+        reply, fields, campaign, routing = pipe.execute()
+        outcome = MoveOutcome.from_reply(reply)
+        if not outcome.changed or not fields:
+            return Claim(outcome)
+        return Claim(
+            outcome,
+            JobRecord.from_hash(job_id, fields),
+            {name: value for name, value in zip(CLAIM_CAMPAIGN_FIELDS, campaign, strict=True) if value is not None},
+            RoutingInfo.decode(routing) if routing else None,
+        )
+
     def move_many(self, job_ids: list[str], move: Move, target: JobState, fields: dict[str, str]) -> list[MoveOutcome]:
         outcomes: list[MoveOutcome] = []
         for start in range(0, len(job_ids), PIPELINE_CHUNK):
@@ -288,6 +326,8 @@ class FarmState:
 
 # The campaign fields that stop its jobs: a cancel (or a failure over the error limit) and why.
 CANCEL_FIELDS = ["cancel_requested", "failed_reason"]
+# What a worker reads of a job's campaign when it claims the job: fixed at submit, and the cancel flags.
+CLAIM_CAMPAIGN_FIELDS = ["created", "output_prefix", *CANCEL_FIELDS]
 
 
 def _cancel_reason(requested: str | None, failed: str | None) -> str | None:

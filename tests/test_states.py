@@ -40,6 +40,38 @@ def test_the_script_refuses_a_move_from_a_state_the_rule_does_not_list(scratch_f
     assert scratch_farm.state.redis.zscore(keys.worker_assigned("w1"), job_id) == 1.5
 
 
+def test_a_claim_reads_what_the_worker_needs_in_the_same_round_trip_and_nothing_when_stale(
+    scratch_farm: FarmClient,
+) -> None:
+    state = scratch_farm.state
+    campaign = Campaign.from_raw("claims", [{"prompt": "a mug", "seed": 7}], output_prefix="shots")
+    handle = scratch_farm.submit(campaign)
+    (job_id,) = state.job_ids(handle.id)
+    attempt = state.assign(job_id, "w1", 1.5)
+    assert not state.claim(job_id, attempt + 1, "w1", 100.0).outcome.changed  # a stale attempt
+    stale = state.claim(job_id, attempt, "w2", 100.0)  # another worker's delivery
+    assert not stale.outcome.changed and stale.record is None and stale.campaign == {}
+    claim = state.claim(job_id, attempt, "w1", 100.0)
+    assert claim.outcome.changed and claim.outcome.previous == JobState.ASSIGNED
+    assert claim.record is not None and claim.record.state == JobState.RUNNING
+    assert claim.record.spec["prompt"] == "a mug" and claim.record.spec["seed"] == 7
+    assert claim.campaign["output_prefix"] == "shots" and float(claim.campaign["created"]) > 0
+    assert claim.routing == state.routing([job_id])[0] and claim.routing is not None
+    assert claim.cancel_reason is None
+    assert state.redis.hget(keys.job(job_id), "started") == "100.0"
+    assert not state.claim(job_id, attempt, "w1", 101.0).outcome.changed  # a redelivery: running already
+
+
+def test_a_claimed_job_of_a_cancelled_campaign_says_so(scratch_farm: FarmClient) -> None:
+    state = scratch_farm.state
+    handle = scratch_farm.submit(Campaign.from_raw("claim-cancelled", [{"prompt": "p"}, {"prompt": "q"}]))
+    first, _second = state.job_ids(handle.id)
+    attempt = state.assign(first, "w1", 1.0)
+    handle.cancel()
+    claim = state.claim(first, attempt, "w1", 100.0)
+    assert claim.outcome.changed and claim.cancel_reason == "campaign cancelled"
+
+
 def test_a_stale_queue_entry_whose_job_is_gone_is_dropped_not_assigned(scratch_farm: FarmClient) -> None:
     state = scratch_farm.state
     state.redis.zadd(keys.PENDING, {"gone/job-0": 1.0})

@@ -55,6 +55,8 @@ class WorkerContext:
     speed: SpeedMeter = field(default_factory=lambda: SpeedMeter(1.0))
     finisher: Finisher = field(default_factory=Finisher)
     registered: bool = False  # a heartbeat has registered this worker's identity
+    # Campaign id -> the model revision it is pinned to: a pin never changes (HSETNX), so it is read once.
+    pinned_models: dict[str, str] = field(default_factory=dict)
 
     def held_routes(self) -> list[str]:
         """Routing keys whose reference K/V this worker holds now, in either tier."""

@@ -22,12 +22,19 @@ from pydantic import TypeAdapter
 
 from kleinfarm.shared import keys
 from kleinfarm.shared.control import CampaignControl
-from kleinfarm.shared.errors import JobCancelledError, KleinfarmError, OutputConflictError, TransientError
+from kleinfarm.shared.errors import (
+    JobCancelledError,
+    JobNotFoundError,
+    KleinfarmError,
+    OutputConflictError,
+    TransientError,
+)
 from kleinfarm.shared.jobs import EditJob, GenerateJob, Job
 from kleinfarm.shared.locators import redact
 from kleinfarm.shared.logs import log_context
 from kleinfarm.shared.manifest import output_key, write_manifest
-from kleinfarm.shared.records import JobRecord
+from kleinfarm.shared.records import JobRecord, RoutingInfo
+from kleinfarm.shared.state import Claim
 from kleinfarm.shared.states import JobState, Move
 from kleinfarm.worker.context import WorkerContext
 from kleinfarm.worker.encoding import CONTENT_TYPES, encode_image, header_value
@@ -52,6 +59,7 @@ TRANSIENT_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
 # The outcome of an attempt is written through a short Redis outage (a restart from AOF) rather
 # than lost; past these waits the reconciler returns the job to the queue instead.
 RECORD_RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0)
+PINNED_MODELS_KEPT = 1024  # campaigns whose model pin a worker remembers
 
 
 class Fault(StrEnum):
@@ -91,29 +99,27 @@ def run_job(context: WorkerContext, job_id: str, attempt: int, send_event: Event
         log.info("draining: gave %s back to the queue", job_id)
         return JobState.PENDING
     campaign_id = keys.campaign_of(job_id)
-    if (model := campaign_model(context.state.redis, campaign_id, context.engine.model)) != context.engine.model:
+    if (model := _campaign_model(context, campaign_id)) != context.engine.model:
         # Handed out before its campaign was pinned to another revision: back, for a worker running it.
         context.registry.give_back(job_id, context.worker_id, f"its campaign runs {model}", attempt=attempt)
         log.info("%s runs on %s, not %s: given back", job_id, model, context.engine.model)
         return JobState.PENDING
     with log_context(campaign=campaign_id, job=job_id):
         state, worker, started = context.state, context.worker_id, time.time()
-        claim = state.move(
-            job_id, Move.CLAIM, JobState.RUNNING, if_attempt=attempt, if_worker=worker, fields={"started": str(started)}
-        )
-        if not claim.changed:
+        claim = state.claim(job_id, attempt, worker, started)
+        if not claim.outcome.changed:
             # A late redelivery of a job since done, requeued or cancelled: it is someone else's now,
             # and so are its slot and its hold (nothing is given back for it here).
-            log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.previous or "unknown")
-            return claim.previous
+            log.info("skipping %s attempt %s: it is %s", job_id, attempt, claim.outcome.previous or "unknown")
+            return claim.outcome.previous
     HELD.add(job_id)  # held until recorded: by this thread, or by the finisher after a render
     handed_over = False
     try:
         with log_context(campaign=campaign_id, job=job_id):
             if context.metrics is not None:
-                submitted = state.redis.hget(keys.campaign(campaign_id), "created")
-                context.metrics.job_started(started - float(str(submitted)) if submitted else None)
-            outcome = _execute(context, job_id, send_event)
+                submitted = claim.campaign.get("created")
+                context.metrics.job_started(started - float(submitted) if submitted else None)
+            outcome = _execute(context, job_id, claim, send_event)
             if isinstance(outcome, Ending):
                 return _end(context, job_id, attempt, outcome)
             context.finisher.hand_over(lambda: _store_and_end(context, job_id, attempt, outcome))
@@ -122,6 +128,18 @@ def run_job(context: WorkerContext, job_id: str, attempt: int, send_event: Event
     finally:
         if not handed_over:
             _let_go(context, job_id)
+
+
+def _campaign_model(context: WorkerContext, campaign_id: str) -> str:
+    """The campaign's model revision, pinned to this worker's if it had none: read once per
+    campaign, since a pin never changes."""
+    model = context.pinned_models.get(campaign_id)
+    if model is None:
+        model = campaign_model(context.state.redis, campaign_id, context.engine.model)
+        if len(context.pinned_models) >= PINNED_MODELS_KEPT:
+            context.pinned_models.clear()
+        context.pinned_models[campaign_id] = model
+    return model
 
 
 def _end(context: WorkerContext, job_id: str, attempt: int, ending: Ending) -> str:
@@ -158,16 +176,18 @@ class Rendered:
     job: GenerateJob | EditJob
     result: ImageResult
     fields: dict[str, str]
+    output_prefix: str  # the campaign's, read with the claim
 
 
-def _execute(context: WorkerContext, job_id: str, send_event: EventSender) -> Ending | Rendered:
+def _execute(context: WorkerContext, job_id: str, claim: Claim, send_event: EventSender) -> Ending | Rendered:
     """Render the job; return its image, or how it ended and, for a failure, whose fault it was."""
     try:
-        if reason := context.state.cancel_reason(keys.campaign_of(job_id)):
+        if reason := claim.cancel_reason:
             raise JobCancelledError(reason)
-        record = context.state.job(job_id)
-        job = JOB_ADAPTER.validate_python(record.spec)
-        return _render(context, record, job, send_event)
+        if claim.record is None:
+            raise JobNotFoundError(f"job {job_id!r} is not known to this farm")
+        job = JOB_ADAPTER.validate_python(claim.record.spec)
+        return _render(context, claim, job, send_event)
     except JobCancelledError as error:
         return Ending(JobState.CANCELLED, {"error": str(error)})
     except Exception as error:  # noqa: BLE001 - one bad job must not take the worker down: _failure logs it
@@ -184,7 +204,9 @@ def _failure(job_id: str, error: Exception) -> Ending:
     return Ending(JobState.FAILED, {"error": text}, fault)
 
 
-def _render(context: WorkerContext, record: JobRecord, job: GenerateJob | EditJob, send_event: EventSender) -> Rendered:
+def _render(context: WorkerContext, claim: Claim, job: GenerateJob | EditJob, send_event: EventSender) -> Rendered:
+    record = claim.record
+    assert record is not None  # _execute checked
     job_id = record.job_id
     context.engine.prompts.start(job.prompt)  # its own prompt first, encoded while references arrive
     fetch_started = time.perf_counter()
@@ -202,22 +224,20 @@ def _render(context: WorkerContext, record: JobRecord, job: GenerateJob | EditJo
             raise JobCancelledError(f"{reason} (stopped at step {done} of {total})")
 
     result = context.engine.render(job, [(ref.digest, ref.image) for ref in references], on_step)
-    _measure_speed(context, job_id, result)
+    _measure_speed(context, claim.routing, result)
     fields = {"refset": result.refset, "kv": result.kv} if result.refset else {}
     fields["prompt"] = result.prompt
     fields["refs_decoded"] = str(sum(ref.decoded for ref in references))
     if result.refset and record.route:
         context.routes[record.route] = result.refset
     result.timings["fetch_s"] = round(fetch_s, 4)
-    return Rendered(record, job, result, fields)
+    return Rendered(record, job, result, fields, claim.campaign.get("output_prefix", ""))
 
 
 def _store(context: WorkerContext, rendered: Rendered) -> dict[str, str]:
     """Encode and upload the image (once: a retry finds its own earlier write); the job's fields."""
     record, job, result, job_id = rendered.record, rendered.job, rendered.result, rendered.record.job_id
-    campaign_id = record.campaign_id
-    meta = context.state.campaign_meta(campaign_id)
-    key = output_key(meta["output_prefix"], campaign_id, record.local_id, job.format)
+    key = output_key(rendered.output_prefix, record.campaign_id, record.local_id, job.format)
     upload_started = time.perf_counter()
     wrote = context.storage.put_if_absent(key, *_encoded(context, job_id, job, result))
     result.timings["upload_s"] = round(time.perf_counter() - upload_started, 4)
@@ -238,13 +258,9 @@ def _encode_ahead(context: WorkerContext, job_id: str) -> None:
         log.info("encoding %d prompt(s) ahead of their jobs", started)
 
 
-def _measure_speed(context: WorkerContext, job_id: str, result: ImageResult) -> None:
-    """The card's speed: the cost model's seconds for this job over the seconds it took."""
-    try:
-        info = context.state.routing([job_id])[0]
-    except redis.exceptions.RedisError as error:  # a measurement: never fail a rendered job for it
-        log.warning("no speed measured for %s: %s", job_id, error)
-        return
+def _measure_speed(context: WorkerContext, info: RoutingInfo | None, result: ImageResult) -> None:
+    """The card's speed: the cost model's seconds for this job (its routing row, read with the
+    claim) over the seconds it took."""
     if info is None:
         return
     estimated = info.work_s + (info.build_s if result.kv == "miss" else 0.0)
