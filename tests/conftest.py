@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kleinfarm.producer.client import FarmClient
+from kleinfarm.producer.localfarm.processes import Processes
 from kleinfarm.producer.localfarm.services import RedisServer, S3Server
 from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.settings import FarmSettings
@@ -97,30 +97,32 @@ def storage(settings: FarmSettings) -> Storage:
 
 @dataclass
 class WorkerPool:
-    """Real ``kleinfarm worker`` processes, each logging to its own file."""
+    """Real ``kleinfarm worker`` processes (``Processes``: each logging to its own file), started
+    and waited for until each has registered."""
 
     env: dict[str, str]
     log_dir: Path
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: Processes = field(init=False)
+    started: int = 0  # every worker started, for its log's name (a restarted pool keeps its old logs)
 
-    def start(self, count: int = 1, name: str | None = None) -> list[subprocess.Popen[bytes]]:
+    def __post_init__(self) -> None:
+        self.processes = Processes(self.log_dir)
+
+    def start(
+        self, count: int = 1, name: str | None = None, env: dict[str, str] | None = None
+    ) -> list[subprocess.Popen[bytes]]:
+        """Start ``count`` workers (named ``name``, with ``env`` over the pool's) and wait until they are live."""
+        extra = {**(env or {}), **({"KLEINFARM_WORKER_NAME": name} if name else {})}
+        command = [sys.executable, "-m", "kleinfarm.producer", "worker"]
         started = []
-        extra = {"KLEINFARM_WORKER_NAME": name} if name else {}
         for _ in range(count):
-            log = (self.log_dir / f"worker-{len(self.processes)}.log").open("wb")
-            process = subprocess.Popen(
-                [sys.executable, "-m", "kleinfarm.producer", "worker"],
-                env={**os.environ, **self.env, **extra},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            self.processes.append(process)
-            started.append(process)
+            started.append(self.processes.start(f"worker-{self.started}", command, {**self.env, **extra}))
+            self.started += 1
         self.wait_live(started)
         return started
 
     def alive(self) -> list[subprocess.Popen[bytes]]:
-        return [process for process in self.processes if process.poll() is None]
+        return self.processes.live()
 
     def wait_live(self, processes: list[subprocess.Popen[bytes]]) -> None:
         """Until each process has registered (by its pid) in the farm's worker registry."""
@@ -136,13 +138,7 @@ class WorkerPool:
         return "\n".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("*.log")))
 
     def stop(self) -> None:
-        for process in self.alive():
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        self.processes.stop()
 
 
 @pytest.fixture(scope="session")

@@ -61,9 +61,7 @@ def fleet(
 
 def start(fleet: Fleet, name: str, card_mb: int | None) -> None:
     extra = {"KLEINFARM_CARD_MEMORY_MB": str(card_mb)} if card_mb else {}
-    pool = WorkerPool({**fleet.env, **extra}, fleet.pool.log_dir)
-    pool.processes = fleet.pool.processes  # one list, so the fixture stops every worker
-    pool.start(1, name=name)
+    fleet.pool.start(1, name=name, env=extra)
 
 
 def wait_for(condition: object, what: str) -> None:
@@ -134,7 +132,6 @@ def test_a_campaign_stays_on_the_model_revision_it_started_on_while_the_farm_is_
     campaign.pause()
     wait_for(lambda: handle.status().running == 0, "the running jobs to end")
     fleet.pool.stop()  # the rev-b card goes for its upgrade; rev-a cards join
-    fleet.pool.processes.clear()
     registry = Registry(fleet.client.state, lapse_s=3)
     assert read_figures(fleet.client.state, registry).retirements == {"stopped": 1}  # the exporter's figure
     fleet.env["KLEINFARM_MODEL_REVISION"] = "rev-a"
