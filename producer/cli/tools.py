@@ -40,6 +40,23 @@ def make_tiny_model(
     say(f"tiny model written to {build(folder, kv=kv)}")
 
 
+@app.command("make-random-model")
+def make_random_model(
+    folder: Path,
+    shape: Annotated[
+        str, typer.Option(help="tiny, cpu (every width 1/8, true depth) or full (the 9B shapes)")
+    ] = "tiny",
+    device: Annotated[str, typer.Option(help="cpu (fp32) or cuda (bf16: the full shape needs ~34 GB)")] = "cpu",
+) -> None:
+    """Write a random-weight FLUX.2 klein KV pipeline of any shape, to load like the real one (``--model FOLDER``)."""
+    from kleinfarm.worker.engine.random_model import SHAPES
+    from kleinfarm.worker.engine.random_model import make_random_model as build
+
+    if shape not in SHAPES:
+        raise typer.BadParameter(f"--shape must be one of {', '.join(SHAPES)}, not {shape!r}")
+    say(f"{shape} random model written to {build(folder, SHAPES[shape], device=device)}")
+
+
 @app.command("fetch-model")
 def fetch_model(env_file: EnvFile = None) -> None:
     """Download KLEINFARM_MODEL at KLEINFARM_MODEL_REVISION into the Hugging Face cache (HF_HOME), once

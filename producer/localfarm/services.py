@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -167,10 +168,11 @@ class S3Server(ChildService):
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        script = Path(sys.executable).with_name("moto_server")
-        if not script.exists():
-            raise ConfigError("moto_server is not installed: pip install 'kleinfarm[local]'")
-        return [str(script), "-H", "127.0.0.1", "-p", str(self.port)]
+        # Run as a module of this interpreter: it is found wherever moto was installed (a virtual
+        # environment, or a --target folder on PYTHONPATH), not only beside the interpreter.
+        if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+            raise ConfigError("moto's server is not installed: pip install 'kleinfarm[local]'")
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
 
     def ready(self) -> bool:
         try:

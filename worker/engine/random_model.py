@@ -190,6 +190,19 @@ def make_tiny_model(folder: Path, seed: int = 0, kv: bool = True) -> Path:
     return folder
 
 
+def make_random_model(folder: Path, shape: PipelineShape, device: str = "cpu", seed: int = 0) -> Path:
+    """Write a random pipeline of ``shape`` to ``folder``: fp32 on a CPU, bf16 on a card (the full
+    shape is ~34 GB in bf16, built on the card and written from there). Loaded back with
+    ``from_pretrained`` it stands in for the real checkpoint (same classes, same shapes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    build_pipeline(shape, device=device, dtype=dtype, seed=seed).save_pretrained(str(folder))
+    return folder
+
+
+SHAPES = {"tiny": TINY_SHAPE, "cpu": CPU_BENCH_SHAPE, "full": FULL_SHAPE}
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Build the modules directly in ``dtype`` (the full shape would not fit twice in fp32)."""
