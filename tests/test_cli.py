@@ -151,6 +151,21 @@ def test_render_writes_one_image_without_a_queue(tiny_model: Path, tmp_path: Pat
     assert Image.open(out).size == (256, 320)
 
 
+def test_make_random_model_writes_a_pipeline_that_loads_and_refuses_an_unknown_shape(tmp_path: Path) -> None:
+    folder = tmp_path / "cpu-shape"
+    made = run(["make-random-model", str(folder), "--shape", "cpu"], {})
+    assert made.returncode == 0, made.stderr
+    from diffusers import Flux2KleinKVPipeline
+
+    from kleinfarm.worker.engine.random_model import CPU_BENCH_SHAPE
+
+    pipeline = Flux2KleinKVPipeline.from_pretrained(str(folder))
+    blocks = len(pipeline.transformer.transformer_blocks), len(pipeline.transformer.single_transformer_blocks)
+    assert blocks == (CPU_BENCH_SHAPE.double_layers, CPU_BENCH_SHAPE.single_layers)
+    refused = run(["make-random-model", str(tmp_path / "x"), "--shape", "huge"], {})
+    assert refused.returncode == 2 and "--shape must be one of tiny, cpu, full" in refused.stderr
+
+
 def test_local_demo_renders_the_demo_campaign_and_leaves_images_on_disk(tmp_path: Path, tiny_model: Path) -> None:
     env = {key: value for key, value in os.environ.items() if not key.startswith("KLEINFARM_")}
     env["KLEINFARM_CACHE_DIR"] = str(tmp_path / "cache")
