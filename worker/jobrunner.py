@@ -187,7 +187,7 @@ def _execute(context: WorkerContext, job_id: str, claim: Claim, send_event: Even
         if claim.record is None:
             raise JobNotFoundError(f"job {job_id!r} is not known to this farm")
         job = JOB_ADAPTER.validate_python(claim.record.spec)
-        return _render(context, claim, job, send_event)
+        return _render(context, claim.record, job, claim, send_event)
     except JobCancelledError as error:
         return Ending(JobState.CANCELLED, {"error": str(error)})
     except Exception as error:  # noqa: BLE001 - one bad job must not take the worker down: _failure logs it
@@ -204,9 +204,11 @@ def _failure(job_id: str, error: Exception) -> Ending:
     return Ending(JobState.FAILED, {"error": text}, fault)
 
 
-def _render(context: WorkerContext, claim: Claim, job: GenerateJob | EditJob, send_event: EventSender) -> Rendered:
-    record = claim.record
-    assert record is not None  # _execute checked
+def _render(
+    context: WorkerContext, record: JobRecord, job: GenerateJob | EditJob, claim: Claim, send_event: EventSender
+) -> Rendered:
+    """Fetch the references, render, and measure the card's speed (``claim``: the routing row and
+    the campaign's output prefix, read with the claim)."""
     job_id = record.job_id
     context.engine.prompts.start(job.prompt)  # its own prompt first, encoded while references arrive
     fetch_started = time.perf_counter()
