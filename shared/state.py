@@ -93,7 +93,8 @@ class FarmState:
         first_seq = int(self.redis.incrby(keys.SEQUENCE, len(jobs))) - len(jobs)
         counters = {f"n_{state}": 0 for state in COUNTED_STATES}
         header: dict[Any, Any] = {**meta, **counters, "total": len(jobs), "open": len(jobs), "n_pending": len(jobs)}
-        header.update(priority=priority, created=time.time(), cancel_requested=0)
+        # By the Redis clock, the one the dispatcher reads ``now`` from (its catch-up rule ages jobs by it).
+        header.update(priority=priority, created=self.server_time(), cancel_requested=0)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.campaign(campaign_id), mapping=header)
         for chunk_start in range(0, len(jobs), PIPELINE_CHUNK):

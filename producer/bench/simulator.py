@@ -256,6 +256,7 @@ class LateBindingSim:
         self.policy = policy or AffinityPolicy(worker.state.identity for worker in self.pool)
         self.by_id = {worker.state.worker_id: worker for worker in self.pool}
         self.queued_ms = 0  # the farm's queued work: exact, so it is 0 whenever every queue is empty
+        self.submitted = 0  # jobs arrived so far
         self.free = set(range(workers))
         self.events: list[tuple[float, int, int, int]] = []  # (time, order, kind, index)
         self.outcome = Outcome.unrun(len(jobs))
@@ -269,7 +270,19 @@ class LateBindingSim:
             if kind == 0:
                 job = self.jobs[index]
                 shape = job.shape if self.shaped else None
-                self.pending.add(PendingJob(str(job.index), job.refset, job.work_s, job.build_s, shape=shape))
+                # Jobs arriving at the same instant came in one submission (a campaign, a bulk edit).
+                self.pending.add(
+                    PendingJob(
+                        str(job.index),
+                        job.refset,
+                        job.work_s,
+                        job.build_s,
+                        shape=shape,
+                        submission=repr(job.arrival_s),
+                        submitted_s=job.arrival_s,
+                    )
+                )
+                self.submitted += 1
             else:
                 order = self._finish(self.pool[index], now, order)
             order = self._dispatch(now, order)
@@ -290,6 +303,8 @@ class LateBindingSim:
                 farm_size=len(self.pool),
                 farm_queued_ms=self.queued_ms,
                 fleet=self.states if self.shaped else None,
+                now_s=now,
+                submitted_jobs=self.submitted,
             )
         )
         for decision in decisions:

@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
+from kleinfarm.shared.routing.catchup import CatchUp
+from kleinfarm.shared.routing.fleet_view import CapableOwners, Cards, Choices
 from kleinfarm.shared.routing.pending import PendingIndex
-from kleinfarm.shared.routing.policy import NOBODY, Decision, PendingJob, Policy, Round, WorkerState, commit, fits
+from kleinfarm.shared.routing.policy import Decision, Policy, Round, WorkerState, commit
 
 if TYPE_CHECKING:
-    from kleinfarm.shared.capacity import Capability, JobShape
+    pass
 
 _T = TypeVar("_T")
 
@@ -51,6 +53,14 @@ SPREAD_SLACK = 2.0
 # spread rule covers about half the farm (``SPREAD_SLACK``) and these steals keep the rest busy; at
 # 2, 4 and 16 a 512-worker Zipf farm left workers idle behind its backlog (``docs/routing.md``).
 STEAL_RATIO = 1.0
+# A lump (``submissions.py``: a set whose backlog came mostly in one submission, a campaign's kit)
+# drains by itself: it is stolen only when its holders' backlog per holder outlasts
+# min(LUMP_STEAL_FAIR fair shares, LUMP_STEAL_JOBS of its jobs with a build), and it spreads to a
+# holder per LUMP_SPREAD_JOBS of its jobs at least. On a short backlog (a campaign on a quiet farm)
+# that saves builds; on a long one the bar is the usual one.
+LUMP_STEAL_FAIR = 3.0
+LUMP_STEAL_JOBS = 20.0
+LUMP_SPREAD_JOBS = 10.0
 
 
 @dataclass(frozen=True)
@@ -97,15 +107,17 @@ class Owners:
         return ranks.get(identity, len(self.identities))
 
 
-def desired_holders(backlog: float, fair: float, workers: int) -> int:
-    """How many workers a reference set's backlog should spread over (both in one unit of time).
+def desired_holders(backlog: float, fair: float, workers: int, least_per_holder: float = 0.0) -> int:
+    """How many workers a reference set's backlog should spread over (all in one unit of time).
 
     A set spreads only once its backlog passes ``SPREAD_SLACK`` fair shares: a worker busy with
-    one set while others finish is cheaper than building the set again elsewhere, until then.
+    one set while others finish is cheaper than building the set again elsewhere, until then; and
+    each holder gets at least ``least_per_holder`` of it.
     """
-    if fair <= 0:
+    per_holder = max(SPREAD_SLACK * fair, least_per_holder)
+    if per_holder <= 0:
         return 1
-    return max(1, min(workers, math.ceil(backlog / (SPREAD_SLACK * fair) - 1e-9)))
+    return max(1, min(workers, math.ceil(backlog / per_holder - 1e-9)))
 
 
 def over_cap(worker: WorkerState, mean_queued_ms: float, cap: float = LOAD_CAP) -> bool:
@@ -120,20 +132,39 @@ def choose_route(
     workers: int,
     fair_ms: float,
     owners: Ranks | None = None,
+    catchup: CatchUp | None = None,
 ) -> Take | None:
     """Where ``worker`` should take its next job from; None when it should wait.
 
     ``holders`` counts, per route, the workers holding it or already handed a job of it that may
-    take its next job. ``fair_ms`` is a worker's fair share of the farm's work.
+    take its next job. ``fair_ms`` is a worker's fair share of the farm's work. ``catchup``: the
+    farm is catching up on an old backlog, and its rules choose instead (``catchup.py``).
     """
     if not pending:
         return None
     top = pending.top_priority
     held = held_routes(worker, pending, top)
+    window = [route for route in pending.window() if pending.head_priority(route) == top]
+    if catchup is not None:
+        steal = last_resort(window, pending, holders, fair_ms)
+        pick = catchup.choose(pending, holders, workers, fair_ms, held, window, None if steal is None else steal.route)
+        return None if pick is None else Take(pick.route)
     if held:
         # Ties by name: a set's iteration order changes with PYTHONHASHSEED, and results must not.
         return Take(max(held, key=lambda route: (pending.backlog_ms[route], route)))
-    window = [route for route in pending.window() if pending.head_priority(route) == top]
+    return cheapest_first(_unheld_choice(worker, pending, holders, workers, fair_ms, owners, window), pending, holders)
+
+
+def _unheld_choice(
+    worker: WorkerState,
+    pending: PendingIndex,
+    holders: Mapping[str, int],
+    workers: int,
+    fair_ms: float,
+    owners: Ranks | None,
+    window: list[str | None],
+) -> Take | None:
+    """Rules 2 to 4, for a worker holding no set with a job pending."""
     wanted = {
         route: desired
         for route in window
@@ -146,7 +177,25 @@ def choose_route(
         return Take(None)
     if wanted:
         return Take(next(iter(wanted)))
-    return last_resort(window, pending, holders)
+    return last_resort(window, pending, holders, fair_ms)
+
+
+def cheapest_first(take: Take | None, pending: PendingIndex, holders: Mapping[str, int]) -> Take | None:
+    """A set of a singletons submission (a bulk edit: each job its own set, ``submissions.py``) with
+    one job and no holder: the cheapest such set of that submission instead. Each is built once
+    whatever the order, so no hit is lost, and the most jobs are done soonest."""
+    if take is None or take.route is None or not _single(pending, holders, take.route):
+        return take
+    submission = pending.queues[take.route][0].submission
+    if submission is None or not pending.submissions.singletons(submission):
+        return take
+    cheapest = pending.submissions.cheapest(submission, pending.holds, lambda route: _single(pending, holders, route))
+    return take if cheapest is None else Take(cheapest)
+
+
+def _single(pending: PendingIndex, holders: Mapping[str, int], route: str) -> bool:
+    queue = pending.queues.get(route)
+    return queue is not None and len(queue) == 1 and not holders.get(route, 0)
 
 
 def held_routes(worker: WorkerState, pending: PendingIndex, top: int) -> list[str]:
@@ -172,244 +221,37 @@ def _desired(pending: PendingIndex, route: str, fair_ms: float, workers: int) ->
     bound one pending job would call for several holders, and a free worker would build the set
     afresh while its holder is a second from done.
     """
-    return desired_holders(pending.backlog_ms[route], fair_ms, min(workers, len(pending.queues[route])))
+    queue = pending.queues[route]
+    head = queue[0]
+    least = LUMP_SPREAD_JOBS * (head.build_ms + head.work_ms) if lump(pending, route) else 0.0
+    return desired_holders(pending.backlog_ms[route], fair_ms, min(workers, len(queue)), least)
 
 
-def last_resort(window: list[str | None], pending: PendingIndex, holders: Mapping[str, int]) -> Take | None:
+def lump(pending: PendingIndex, route: str) -> bool:
+    """Whether ``route``'s pending work came mostly in one submission (``submissions.py``)."""
+    queue = pending.queues[route]
+    return pending.submissions.lump(route, queue[0], queue[-1], pending.backlog_ms[route])
+
+
+def last_resort(
+    window: list[str | None], pending: PendingIndex, holders: Mapping[str, int], fair_ms: float
+) -> Take | None:
     """For a worker that would otherwise idle: the set whose holders are most swamped, if their
-    backlog per holder outlasts building it here ``STEAL_RATIO`` times over."""
+    backlog per holder outlasts building it here ``STEAL_RATIO`` times over (a lump: more)."""
     best: tuple[float, str] | None = None
     for route in window:
         if route is None:
             continue
         head = pending.queues[route][0]
+        cost = head.build_ms + head.work_ms
         share = pending.backlog_ms[route] / max(holders.get(route, 0), 1)
-        gain = share - STEAL_RATIO * (head.build_ms + head.work_ms)
+        bar = STEAL_RATIO * cost
+        if share > bar and lump(pending, route):
+            bar = max(bar, min(LUMP_STEAL_FAIR * fair_ms, LUMP_STEAL_JOBS * cost))
+        gain = share - bar
         if gain > 0 and (best is None or gain > best[0]):
             best = (gain, route)
     return Take(best[1]) if best else None
-
-
-class Cards:
-    """What the policy knows of the fleet's cards: each identity's capability, as rounds show them.
-
-    A job is *restricted* when some known card cannot run it (``Capability.fits``); only then do
-    its set's holders and owners need counting one by one. Answers are memoized per shape object
-    and forgotten when the fleet's cards change.
-    """
-
-    def __init__(self) -> None:
-        self.by_identity: dict[str, Capability | None] = {}
-        self._kinds: list[Capability] = []  # the distinct capabilities
-        self._restricted: dict[int, tuple[JobShape, bool]] = {}
-        self._eligible: dict[int, tuple[JobShape, frozenset[str]]] = {}
-        self._runs_every: dict[int, tuple[Capability, PendingIndex, int]] = {}
-        self._canonical: dict[Capability, Capability] = {}
-        self._canonical_ids: dict[int, tuple[Capability, Capability]] = {}
-
-    def learn(self, workers: Iterable[WorkerState]) -> None:
-        changed = False
-        for worker in workers:
-            known = self.by_identity.get(worker.identity, self)
-            if known is worker.capability or (known is not self and known == worker.capability):
-                continue
-            self.by_identity[worker.identity] = worker.capability
-            changed = True
-        if changed:
-            kinds = {capability for capability in self.by_identity.values() if capability is not None}
-            self._kinds = sorted(kinds, key=lambda capability: (capability.job_bytes or 0, capability.speed))
-            self._restricted.clear()
-            self._eligible.clear()
-
-    def canonical(self, capability: Capability) -> Capability:
-        """The first capability object seen of ``capability``'s value."""
-        known = self._canonical_ids.get(id(capability))
-        if known is not None and known[0] is capability:
-            return known[1]
-        if len(self._canonical_ids) >= MEMO_MAX:  # new objects every round on the farm
-            self._canonical_ids.clear()
-        if len(self._canonical) >= MEMO_MAX:
-            self._canonical.clear()
-        canonical = self._canonical.setdefault(capability, capability)
-        self._canonical_ids[id(capability)] = (capability, canonical)
-        return canonical
-
-    def runs_every(self, capability: Capability, index: PendingIndex) -> bool:
-        """Whether ``capability`` can run every job pending in ``index`` (remembered until a shape
-        not pending there joins it)."""
-        known = self._runs_every.get(id(capability))
-        if known is not None and known[0] is capability and known[1] is index and known[2] == index.shapes_added:
-            return True
-        if any(not fits(capability, shape) for shape in index.shapes()):
-            return False
-        if len(self._runs_every) >= MEMO_MAX:  # the farm makes new capability objects every round
-            self._runs_every.clear()
-        self._runs_every[id(capability)] = (capability, index, index.shapes_added)
-        return True
-
-    def restricted(self, job: PendingJob) -> bool:
-        """Whether some card of the fleet cannot run ``job``."""
-        shape = job.shape
-        if shape is None:
-            return False
-        known = self._restricted.get(id(shape))
-        if known is not None and known[0] is shape:
-            return known[1]
-        answer = any(not fits(capability, shape) for capability in self._kinds)
-        self._remember(self._restricted, shape, answer)
-        return answer
-
-    def eligible(self, shape: JobShape) -> frozenset[str]:
-        """The identities whose card can run ``shape`` (a worker without a capability runs anything)."""
-        known = self._eligible.get(id(shape))
-        if known is not None and known[0] is shape:
-            return known[1]
-        answer = frozenset(
-            identity
-            for identity, capability in self.by_identity.items()
-            if capability is None or fits(capability, shape)
-        )
-        self._remember(self._eligible, shape, answer)
-        return answer
-
-    @staticmethod
-    def _remember(memo: dict[int, tuple[JobShape, _T]], shape: JobShape, answer: _T) -> None:
-        if len(memo) >= MEMO_MAX:  # the farm makes new shape objects every round
-            memo.clear()
-        memo[id(shape)] = (shape, answer)
-
-
-MEMO_MAX = 65_536
-
-
-class _CapableOwners:
-    """A set's owners among the workers that can run its next job in ``index`` (rule 2)."""
-
-    def __init__(self, owners: Owners, index: PendingIndex, cards: Cards) -> None:
-        self.owners, self.index, self.cards = owners, index, cards
-
-    def rank(self, route: str, identity: str) -> int:
-        head = self.index.queues[route][0]
-        if head.shape is not None and self.cards.restricted(head):
-            return self.owners.rank_among(route, identity, self.cards.eligible(head.shape))
-        return self.owners.rank(route, identity)
-
-
-class _Holders(Mapping[str, int]):
-    """Holders of each route that may take its next job in ``index``: not those kept off its
-    campaign, nor (on a mixed fleet) those whose card cannot run it.
-
-    Without this, a job whose only holder is blocklisted from its campaign waits for ever: the
-    holder never takes it, and every other worker sees its set as held (and not worth rebuilding).
-    The same for a job too big for every card that holds its set: the set is "wanted", and a card
-    that can run the job builds it.
-    """
-
-    def __init__(self, round: Round, index: PendingIndex, cards: Cards | None) -> None:
-        self.round, self.index, self.cards = round, index, cards
-
-    def __getitem__(self, route: str) -> int:
-        count: int | None = self.get(route)
-        if count is None:
-            raise KeyError(route)
-        return count
-
-    def get(self, route: str, default: Any = None) -> Any:  # rule 2 asks for every set in the window
-        count: int | None = self.round.holders.get(route)
-        if count is None:
-            return default
-        queue = self.index.queues.get(route)
-        if not queue:
-            return count
-        head = queue[0]
-        kept_off = self.round.kept_off(head) if self.round.exclusions else NOBODY
-        if self.cards is not None and self.cards.restricted(head):
-            # Counted one by one, busy workers too (``Round.fleet``): only those that can run it.
-            fleet = self.round.workers if self.round.fleet is None else self.round.fleet
-            return sum(
-                1 for state in fleet if route in state.holds and state.identity not in kept_off and state.can_run(head)
-            )
-        if kept_off:
-            count -= sum(1 for state in self.round.workers if route in state.holds and state.identity in kept_off)
-        return count
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.round.holders)
-
-    def __len__(self) -> int:
-        return len(self.round.holders)
-
-
-class _Choices:
-    """What each worker may choose from this round: the pending jobs its card can run, less its
-    blocked campaigns.
-
-    On a mixed fleet a worker whose card cannot run some pending job sees the index's view of the
-    jobs it can (``PendingIndex.view``, one per capability, kept in step by the index itself, from
-    round to round where the index lives on). A worker kept off campaigns sees a filtered copy of
-    that (one per distinct set of blocked campaigns, made once a round); every job taken comes out
-    of the real index, its views and every copy, so they stay in step. With no exclusions and no
-    capabilities, every worker sees the real index itself.
-    """
-
-    def __init__(self, round: Round, cards: Cards | None) -> None:
-        self.round, self.cards = round, cards
-        self._views: dict[tuple[int, frozenset[str]], PendingIndex] = {}
-        self._runnable: dict[int, PendingIndex] = {}  # by id of the capability, for this round
-
-    def for_worker(self, worker: WorkerState) -> PendingIndex:
-        index = self.round.pending
-        if self.cards is not None and worker.capability is not None:
-            index = self._runnable_by(worker.capability, self.cards)
-        if not self.round.exclusions:
-            return index
-        blocked = self.round.blocked(worker)
-        if not blocked:
-            return index
-        view = self._views.get((id(index), blocked))
-        if view is None:
-            view = self._views[(id(index), blocked)] = index.excluding(blocked)
-        return view
-
-    def _runnable_by(self, capability: Capability, cards: Cards) -> PendingIndex:
-        """The jobs ``capability`` can run: the index itself while it can run every pending one."""
-        index = self._runnable.get(id(capability))
-        if index is None:
-            pending = self.round.pending
-            # One view per distinct capability, by value (the farm's workers each bring their own
-            # object), looked up by the identity of the first object of that value (the view's
-            # filter keeps it alive, so its id stays its own).
-            capability = cards.canonical(capability)
-            key = ("capability", id(capability))
-            view = pending.existing_view(key)
-            if view is None and not cards.runs_every(capability, pending):
-                view = pending.view(key, _runs(capability))
-            index = self._runnable[id(capability)] = pending if view is None else view
-        return index
-
-    def holders(self, index: PendingIndex) -> Mapping[str, int]:
-        """The holder counts a worker choosing from ``index`` goes by."""
-        if self.round.exclusions or self.cards is not None:
-            return _Holders(self.round, index, self.cards)
-        return self.round.holders
-
-    def take(self, index: PendingIndex, route: str | None) -> PendingJob:
-        """The oldest job of ``route`` in ``index``, taken out of the round."""
-        if index is self.round.pending and not self._views:
-            return index.pop(route)  # no copies to keep in step (the index updates its own views)
-        job = index.queues[route][0]
-        self.round.pending.remove(job)
-        for view in self._views.values():
-            if view.holds(job):
-                view.remove(job)
-        return job
-
-
-def _runs(capability: Capability) -> Callable[[PendingJob], bool]:
-    def accepts(job: PendingJob) -> bool:
-        return job.shape is None or fits(capability, job.shape)
-
-    return accepts
 
 
 class AffinityPolicy(Policy):
@@ -426,6 +268,7 @@ class AffinityPolicy(Policy):
         self._fixed = identities is not None
         self._owners = Owners(identities or ())
         self._cards = Cards()
+        self._catchup = CatchUp()
 
     def owners(self, workers: list[WorkerState]) -> Owners:
         if not self._fixed:
@@ -448,7 +291,8 @@ class AffinityPolicy(Policy):
         if round.fleet is not None or any(worker.capability is not None for worker in round.workers):
             cards = self._cards
             cards.learn(round.workers)  # every worker is in some round before it holds anything
-        choices = _Choices(round, cards)
+        choices = Choices(round, cards)
+        catchup = self._catchup if self._catchup.engaged(round) else None
         decisions: list[Decision] = []
         progress = True
         while progress and pending:
@@ -478,8 +322,8 @@ class AffinityPolicy(Policy):
                     firsts.add(id(index))
                 if id(index) in idle and not holds_pending(worker, index):
                     continue
-                ranks: Ranks = owners if cards is None else _CapableOwners(owners, index, cards)
-                take = choose_route(worker, index, choices.holders(index), size, fair_ms, ranks)
+                ranks: Ranks = owners if cards is None else CapableOwners(owners, index, cards)
+                take = choose_route(worker, index, choices.holders(index), size, fair_ms, ranks, catchup)
                 if take is None:
                     idle.add(id(index))
                     continue
@@ -487,4 +331,5 @@ class AffinityPolicy(Policy):
                 queued += decisions[-1].cost_ms
                 progress = True
                 idle.clear()
+        self._catchup.dispatched(len(decisions))
         return decisions

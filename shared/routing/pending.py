@@ -12,6 +12,7 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 from kleinfarm.shared.costmodel import to_ms
+from kleinfarm.shared.routing.submissions import Submissions
 
 if TYPE_CHECKING:
     from kleinfarm.shared.capacity import JobShape
@@ -31,6 +32,10 @@ class PendingJob:
     campaign: str | None = None  # for exclusions: a campaign may keep some workers off its jobs
     # What its memory depends on (``shared/capacity.py``), for who can run it; None: any worker can.
     shape: JobShape | None = None
+    # The jobs it came with (a campaign, a burst of a trace) and when they came (seconds, the farm's
+    # clock): what ``submissions.py`` and the catch-up rule (``catchup.py``) go by. None: unknown.
+    submission: str | None = None
+    submitted_s: float | None = None
     # The same costs in whole milliseconds, what load is counted in (``costmodel.to_ms``).
     work_ms: int = field(init=False, repr=False, compare=False)
     build_ms: int = field(init=False, repr=False, compare=False)
@@ -58,6 +63,7 @@ class PendingIndex:
         self.shapes_added = 0  # how many times a shape not pending joined: answers about shapes() expire
         # Sub-indexes kept in step with this one (``view``): the jobs one kind of worker can run.
         self._views: dict[Hashable, tuple[Callable[[PendingJob], bool], PendingIndex]] = {}
+        self.submissions: Submissions[PendingJob] = Submissions()
         for job in jobs:
             self.add(job)
 
@@ -71,6 +77,7 @@ class PendingIndex:
         return route in self.queues
 
     def add(self, job: PendingJob) -> None:
+        opened = job.route not in self.queues
         self.queues.setdefault(job.route, deque()).append(job)
         self.backlog_ms[job.route] = self.backlog_ms.get(job.route, 0) + job.work_ms
         self.total_ms += job.work_ms
@@ -80,6 +87,7 @@ class PendingIndex:
             shape, count = self._shapes.get(id(job.shape), (job.shape, 0))
             self._shapes[id(shape)] = (shape, count + 1)
             self.shapes_added += not count
+        self.submissions.added(job, opened)
         for accepts, view in self._views.values():
             if accepts(job):
                 view.add(job)
@@ -107,6 +115,7 @@ class PendingIndex:
         """Update the totals for a job just taken out of its route's queue."""
         self.backlog_ms[job.route] -= job.work_ms
         self.total_ms -= job.work_ms
+        self.submissions.taken(job)
         self._priorities[job.priority] -= 1
         if not self._priorities[job.priority]:
             del self._priorities[job.priority]

@@ -180,6 +180,10 @@ class Round:
     farm_queued_ms: int | None = None
     exclusions: Mapping[str, frozenset[str]] = field(default_factory=dict)
     fleet: Sequence[WorkerState] | None = None
+    # The farm's clock, and how many jobs were ever submitted to it, for the catch-up rule
+    # (``catchup.py``); None: unknown, and the farm is never taken to be catching up.
+    now_s: float | None = None
+    submitted_jobs: int | None = None
 
     def blocked(self, worker: WorkerState) -> frozenset[str]:
         """The campaigns ``worker`` must not be given a job of."""

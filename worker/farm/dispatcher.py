@@ -39,6 +39,7 @@ WINDOW_JOBS = 2048  # how deep into the pending queue one dispatch round looks
 # the heartbeat period), so a job claimed a moment ago has been reported before it is judged.
 RECONCILE_TICKS = 4
 PROMPT_SHOWN_CHARS = 200
+CREATED_KEPT = 10_000  # campaigns whose submit time the dispatcher remembers
 
 
 class Dispatcher:
@@ -59,6 +60,7 @@ class Dispatcher:
         # What this leader last wrote as each campaign's "waiting" note ("" for none).
         self._waiting_said: dict[str, str] = {}
         self.models: dict[str, str] = {}  # the model each campaign of the last round is pinned to
+        self._created: dict[str, float] = {}  # each campaign's submit time (fixed): read once
         self._leading = False
 
     def run_forever(self) -> None:
@@ -183,15 +185,30 @@ class Dispatcher:
         self._waiting_said = {name: note for name, note in said.items() if note or name in campaigns}
 
     def _round(self, job_ids: list[str], views: dict[str, WorkerView]) -> Round:
-        """The policy's whole input: the queue's head, the workers, who holds what, who is kept off what."""
-        pending_jobs = [
-            PendingJob(
-                job_id, info.route, info.work_s, info.build_s, info.priority, keys.campaign_of(job_id), shape=info.shape
+        """The policy's whole input: the queue's head, the workers, who holds what, who is kept off what,
+        and the clock and submitted-jobs count its catch-up rule goes by."""
+        now_s, submitted = self._clock()
+        created = self._submit_times({keys.campaign_of(job_id) for job_id in job_ids})
+        pending_jobs = []
+        for job_id, info in zip(job_ids, self.state.routing(job_ids), strict=True):
+            campaign = keys.campaign_of(job_id)
+            # A campaign is one submission; without a routing record, a job counts like a generate.
+            route, work_s, build_s, priority = (
+                (info.route, info.work_s, info.build_s, info.priority) if info else (None, 1.0, 0.0, 0)
             )
-            if info
-            else PendingJob(job_id, None, 1.0, 0.0, 0, keys.campaign_of(job_id))  # no routing record: like a generate
-            for job_id, info in zip(job_ids, self.state.routing(job_ids), strict=True)
-        ]
+            pending_jobs.append(
+                PendingJob(
+                    job_id,
+                    route,
+                    work_s,
+                    build_s,
+                    priority,
+                    campaign,
+                    shape=info.shape if info else None,
+                    submission=campaign,
+                    submitted_s=created.get(campaign),
+                )
+            )
         workers = [self._worker_state(view) for view in views.values()]
         holders: dict[str, int] = {}
         for worker in workers:
@@ -202,7 +219,31 @@ class Dispatcher:
         self.models = pin_campaigns(self.state.redis, campaigns, views.values())
         for campaign, identities in kept_off(self.models, views.values()).items():
             exclusions[campaign] = exclusions.get(campaign, frozenset()) | identities
-        return Round(PendingIndex(pending_jobs), workers, holders, exclusions=exclusions)
+        return Round(
+            PendingIndex(pending_jobs), workers, holders, exclusions=exclusions, now_s=now_s, submitted_jobs=submitted
+        )
+
+    def _clock(self) -> tuple[float, int]:
+        """Now by the Redis clock (campaigns' submit times are too), and jobs ever submitted."""
+        pipe = self.state.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.get(keys.SEQUENCE)
+        (seconds, micros), sequence = pipe.execute()
+        return float(seconds) + float(micros) / 1e6, int(sequence or 0)
+
+    def _submit_times(self, campaigns: set[str]) -> dict[str, float]:
+        """Each campaign's submit time, read once (it never changes); unknown ones are left out."""
+        unread = sorted(campaigns - self._created.keys())
+        if unread:
+            pipe = self.state.redis.pipeline(transaction=False)
+            for campaign in unread:
+                pipe.hget(keys.campaign(campaign), "created")
+            for campaign, created in zip(unread, pipe.execute(), strict=True):
+                if created is not None:
+                    self._created[campaign] = float(created)
+        if len(self._created) > CREATED_KEPT:
+            self._created = {campaign: self._created[campaign] for campaign in campaigns if campaign in self._created}
+        return self._created
 
     def _worker_state(self, view: WorkerView) -> WorkerState:
         """Holdings: what the worker reports cached, plus the sets of the jobs already handed to it."""
