@@ -6,16 +6,22 @@ holders of a set can take its next job, and a set's owners among the cards that 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from kleinfarm.shared.routing.pending import PendingIndex
 from kleinfarm.shared.routing.policy import NOBODY, PendingJob, Round, WorkerState, fits
 
 if TYPE_CHECKING:
     from kleinfarm.shared.capacity import Capability, JobShape
-    from kleinfarm.shared.routing.affinity import Owners
 
 _T = TypeVar("_T")
+
+
+class Owners(Protocol):
+    """Each set's workers in rendezvous order (``affinity.Owners``)."""
+
+    def rank(self, route: str, identity: str) -> int: ...
+    def rank_among(self, route: str, identity: str, eligible: frozenset[str]) -> int: ...
 
 
 class Cards:
