@@ -24,7 +24,7 @@ def job(
     build: float = 1.0,
     submitted_s: float = 0.0,
 ) -> PendingJob:
-    return PendingJob(job_id, route, work, build, submission=submission, submitted_s=submitted_s)
+    return PendingJob(job_id, route, work, build, campaign=submission, submission=submission, submitted_s=submitted_s)
 
 
 def worker(name: str, holds: set[str] | None = None) -> WorkerState:
@@ -76,6 +76,21 @@ def test_a_bulk_edit_runs_its_cheapest_sets_first_and_a_campaign_in_order() -> N
     assert choose_route(worker("w"), campaign, {}, 8, 10_000) == Take("photo0")
 
 
+def test_a_submission_is_judged_by_what_is_pending_alike_on_a_long_lived_and_a_rebuilt_index() -> None:
+    spec = [("kit", 1.0), ("kit", 1.0), ("photo1", 9.0), ("photo2", 5.0), ("photo3", 1.0)]
+    jobs = [job(f"j{index}", route, "campaign", work=cost, build=cost) for index, (route, cost) in enumerate(spec)]
+    kept = PendingIndex(jobs)  # the simulator's: one index for the whole run
+    kept.pop("kit")
+    kept.pop("kit")
+    rebuilt = PendingIndex(jobs[2:])  # the farm's: the queue's head each round
+    # Once its kit is handed out, what is left of the campaign is one job per set: cheapest first, in both.
+    assert choose_route(worker("w"), kept, {"kit": 1}, 8, 10_000) == Take("photo3")
+    assert choose_route(worker("w"), rebuilt, {"kit": 1}, 8, 10_000) == Take("photo3")
+    for route in ("photo1", "photo2", "photo3"):
+        kept.pop(route)
+    assert not kept.submissions._pending and not kept.submissions._cheapest  # nothing kept once none pends
+
+
 def catching_up(submitted_later: int, waited_s: float, now_s: float | None = 1_000.0) -> bool:
     """A round at t=0 with 100 jobs submitted, 50 dispatched since, then one at ``now_s`` with
     ``submitted_later`` more submitted and the oldest job waiting ``waited_s``."""
@@ -94,6 +109,19 @@ def test_the_farm_catches_up_only_on_an_old_backlog_it_is_draining() -> None:
     assert not catching_up(submitted_later=10, waited_s=OLD_S + 100, now_s=None)  # no clock: never
 
 
+def test_a_job_no_worker_may_take_does_not_keep_the_farm_catching_up() -> None:
+    catchup = CatchUp()
+    stuck = job("stuck", "orphan", "pinned-elsewhere", submitted_s=0.0)
+    pending = PendingIndex([stuck, *kit(3, submitted_s=OLD_S)])
+    workers = [worker("w")]
+    kept_off = {"pinned-elsewhere": frozenset({"w"})}  # e.g. its campaign runs a model no live worker has
+    assert not catchup.engaged(Round(pending, workers, {}, exclusions=kept_off, now_s=0.0, submitted_jobs=4))
+    catchup.dispatched(10)
+    later = Round(pending, workers, {}, exclusions=kept_off, now_s=OLD_S + 100, submitted_jobs=4)
+    assert not catchup.engaged(later)  # the oldest job any worker may take waited only 100 s
+    assert catchup.engaged(Round(pending, workers, {}, now_s=OLD_S + 100, submitted_jobs=4))  # were it takeable
+
+
 def test_while_catching_up_the_oldest_jobs_go_before_a_later_held_set() -> None:
     pending = PendingIndex([*kit(3, submitted_s=0.0, route="old"), *kit(3, "later", submitted_s=500.0, route="new")])
     holder = worker("w", {"new"})
@@ -107,6 +135,21 @@ def test_while_catching_up_an_old_hot_set_spreads_to_finish_when_first_in_first_
     # the farm clears the work up to its last job in 8 s, so it wants five (a holder per 4 s of it).
     assert choose_route(worker("w2"), pending, {"kit": 1}, 8, 8_000) is None
     assert choose_route(worker("w2"), pending, {"kit": 1}, 8, 8_000, catchup=CatchUp()) == Take("kit")
+
+
+def test_a_draining_worker_is_no_holder_so_another_builds_its_sets(scratch_farm: FarmClient) -> None:
+    registry = Registry(scratch_farm.state, lapse_s=60)
+    queue = keys.worker_queue
+    registry.heartbeat("w1", WorkerReport(identity="host-gpu0", queue=queue("w1"), pid=1, routes=["kit"], slots=0))
+    registry.heartbeat("w2", WorkerReport(identity="host-gpu1", queue=queue("w2"), pid=2, routes=["logo"]))
+    registry.drain("host-gpu0")
+    registry.heartbeat(
+        "w1", WorkerReport(identity="host-gpu0", queue=queue("w1"), pid=1, routes=["kit"], slots=0, draining=True)
+    )
+    handle = scratch_farm.submit(Campaign.from_raw("any", [{"prompt": "a"}]))
+    dispatcher = Dispatcher(make_celery(scratch_farm.settings), scratch_farm.state, registry, tick_s=1.0)
+    round = dispatcher._round(scratch_farm.state.job_ids(handle.id), {v.worker_id: v for v in registry.live_workers()})
+    assert round.holders == {"logo": 1}  # the drained card keeps "kit" cached but will take none of its jobs
 
 
 def test_the_dispatcher_hands_each_job_its_campaign_submit_time_and_the_farm_clock(

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from kleinfarm.shared.routing.pending import PendingIndex
+from kleinfarm.shared.routing.pending import PendingIndex, PendingJob
 from kleinfarm.shared.routing.policy import Round
 
 DRAINING = 0.9
@@ -76,8 +76,8 @@ class CatchUp:
         if now is None or submitted is None or not round.pending:
             return False
         self._remember(now, submitted)
-        oldest = oldest_submitted(round.pending)
-        if oldest is None or now - oldest <= OLD_S:
+        oldest = _oldest_takeable(round, now)
+        if oldest is None:
             return False
         since = max(bisect.bisect_right(self._times, oldest) - 1, 0)
         then_submitted, then_dispatched = self._counts[since]
@@ -115,7 +115,7 @@ class CatchUp:
     ) -> Pick | None:
         """What a worker holding ``held`` takes while the farm catches up (rules 1-3 above), from the
         sets of ``window``; ``steal``: the affinity policy's last resort. None: nothing."""
-        oldest = oldest_submitted(index)
+        oldest = oldest_submitted(index.queues[route][0] for route in window)
         if oldest is not None:
             recent = [route for route in held if _head_submitted(index, route) <= oldest + JUMP_S]
             if recent:
@@ -136,11 +136,34 @@ class CatchUp:
         return None
 
 
-def oldest_submitted(index: PendingIndex) -> float | None:
-    """When the oldest job at the head of a set in the window was submitted (None: unknown)."""
-    times = [index.queues[route][0].submitted_s for route in index.window()]
+def oldest_submitted(heads: Iterable[PendingJob]) -> float | None:
+    """When the oldest of ``heads`` was submitted (None: none, or one's time is unknown)."""
+    times = [head.submitted_s for head in heads]
     known = [time for time in times if time is not None]
     return min(known) if known and len(known) == len(times) else None
+
+
+def _oldest_takeable(round: Round, now: float) -> float | None:
+    """When the oldest job some worker may take was submitted, if that is over ``OLD_S`` ago: of the
+    window's sets at the top priority. A job no card can run, or of a campaign every worker is kept
+    off, waits by design and must not keep the farm catching up for ever. None: not that old."""
+    index = round.pending
+    top = index.top_priority
+    heads = [index.queues[route][0] for route in index.window() if index.head_priority(route) == top]
+    oldest = oldest_submitted(heads)
+    if oldest is None or now - oldest <= OLD_S:
+        return None
+    fleet = round.workers if round.fleet is None else round.fleet
+    if round.exclusions or any(worker.capability is not None for worker in fleet):
+        takeable = [
+            head
+            for head in heads
+            if any(worker.identity not in round.kept_off(head) and worker.can_run(head) for worker in fleet)
+        ]
+        oldest = oldest_submitted(takeable)
+        if oldest is None or now - oldest <= OLD_S:
+            return None
+    return oldest
 
 
 def _head_submitted(index: PendingIndex, route: str) -> float:

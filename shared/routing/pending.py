@@ -95,13 +95,14 @@ class PendingIndex:
     def pop(self, route: str | None) -> PendingJob:
         """Take the oldest job of ``route``."""
         job = self.queues[route].popleft()
-        self._forget(job)
+        self._forget(job, was_oldest=True)
         return job
 
     def remove(self, job: PendingJob) -> None:
         """Take out ``job``, wherever it is in its route's queue (KeyError if it is not pending)."""
         queue = self.queues[job.route]
-        if queue[0] is job:  # the usual case: cheap
+        was_oldest = queue[0] is job
+        if was_oldest:  # the usual case: cheap
             queue.popleft()
         else:
             # By identity: equal jobs (same fields) may both be pending, and only this one goes.
@@ -109,13 +110,14 @@ class PendingIndex:
             if position is None:
                 raise KeyError(job.job_id)
             del queue[position]
-        self._forget(job)
+        self._forget(job, was_oldest)
 
-    def _forget(self, job: PendingJob) -> None:
-        """Update the totals for a job just taken out of its route's queue."""
+    def _forget(self, job: PendingJob, was_oldest: bool) -> None:
+        """Update the totals for a job just taken out of its route's queue (``was_oldest``: from its head)."""
         self.backlog_ms[job.route] -= job.work_ms
         self.total_ms -= job.work_ms
-        self.submissions.taken(job)
+        queue = self.queues[job.route]
+        self.submissions.taken(job, was_oldest, queue[0] if was_oldest and queue else None)
         self._priorities[job.priority] -= 1
         if not self._priorities[job.priority]:
             del self._priorities[job.priority]

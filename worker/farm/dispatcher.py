@@ -211,7 +211,9 @@ class Dispatcher:
             )
         workers = [self._worker_state(view) for view in views.values()]
         holders: dict[str, int] = {}
-        for worker in workers:
+        for view, worker in zip(views.values(), workers, strict=True):
+            if view.report.draining:
+                continue  # it takes nothing more: a set only it holds is built by another worker
             for route in worker.holds:
                 holders[route] = holders.get(route, 0) + 1
         campaigns = {job.campaign for job in pending_jobs if job.campaign}
