@@ -13,7 +13,7 @@ import pytest
 
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.producer.localfarm.processes import Processes
-from kleinfarm.producer.localfarm.services import RedisServer, S3Server
+from kleinfarm.producer.localfarm.services import RedisServer, S3Server, service_env, settings_of
 from kleinfarm.shared.registry import Registry
 from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.storage import Storage
@@ -60,11 +60,7 @@ def farm_env(
 ) -> dict[str, str]:
     """The KLEINFARM_* settings of the test farm."""
     env = {
-        "KLEINFARM_REDIS_URL": redis_server.url,
-        "KLEINFARM_S3_ENDPOINT_URL": s3_server.url,
-        "KLEINFARM_S3_ACCESS_KEY_ID": s3_server.access_key,
-        "KLEINFARM_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "KLEINFARM_S3_BUCKET": "farm-test",
+        **service_env(redis_server, s3_server, "farm-test"),
         "KLEINFARM_MODEL": str(tiny_model),
         "KLEINFARM_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
         "KLEINFARM_HEARTBEAT_S": "0.5",
@@ -76,8 +72,7 @@ def farm_env(
     return env
 
 
-def settings_from(env: dict[str, str]) -> FarmSettings:
-    return FarmSettings(**{key.removeprefix("KLEINFARM_").lower(): value for key, value in env.items()})
+settings_from = settings_of  # the tests' name for it
 
 
 @pytest.fixture(scope="session")

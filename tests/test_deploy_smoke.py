@@ -33,11 +33,10 @@ import pytest
 import yaml
 
 from kleinfarm.producer.client import FarmClient
-from kleinfarm.producer.localfarm.services import RedisServer, S3Server, free_port
+from kleinfarm.producer.localfarm.services import RedisServer, S3Server, free_port, settings_of
 from kleinfarm.shared import keys
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.registry import Registry
-from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.storage import Storage
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
@@ -249,9 +248,7 @@ def test_compose_brings_up_a_farm_whose_hosts_keep_their_own_names_and_render(
             service_env_local = strip_port(rewrite(service_env(service, client_image, settings_dir), hosts, {}))
             processes.start(name, as_local_command(argv), service_env_local)
 
-        settings = FarmSettings(
-            **{k.removeprefix("KLEINFARM_").lower(): v for k, v in worker_env.items() if k.startswith("KLEINFARM_")}
-        )
+        settings = settings_of(worker_env)
         client = FarmClient(settings)
         registry = Registry(client.state, settings.worker_lapse_s)
         wait_for(
@@ -348,9 +345,7 @@ def test_kubernetes_pods_reach_the_services_the_manifests_define_and_render(
         argv[argv.index("--port") + 1], argv[argv.index("--address") + 1] = str(exporter_port), "127.0.0.1"
         processes.start("exporter", as_local_command(argv), strip_port(rewrite(exporter_env, hosts, {})))
 
-        settings = FarmSettings(
-            **{k.removeprefix("KLEINFARM_").lower(): v for k, v in local.items() if k.startswith("KLEINFARM_")}
-        )
+        settings = settings_of(local)
         client = FarmClient(settings)
         registry = Registry(client.state, settings.worker_lapse_s)
         wait_for(

@@ -27,11 +27,10 @@ from rich.console import Console
 from kleinfarm.producer.bench.proxy import CuttableProxy
 from kleinfarm.producer.client import CampaignHandle, FarmClient
 from kleinfarm.producer.localfarm.processes import Processes
-from kleinfarm.producer.localfarm.services import RedisServer, S3Server
+from kleinfarm.producer.localfarm.services import RedisServer, S3Server, service_env, settings_of, tiny_model
 from kleinfarm.shared.errors import FarmTimeoutError
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.registry import Registry
-from kleinfarm.shared.settings import FarmSettings
 from kleinfarm.shared.storage import Storage
 
 console = Console(stderr=True)
@@ -92,20 +91,14 @@ def chaos_farm(plan: ChaosPlan, model: str | None, work: Path) -> Iterator[Farm]
     with ExitStack() as stack:
         redis_server = stack.enter_context(RedisServer())
         s3 = stack.enter_context(S3Server())
-        proxy = stack.enter_context(CuttableProxy(("127.0.0.1", s3.port)))  # type: ignore[attr-defined]
-        direct = {
-            "KLEINFARM_REDIS_URL": redis_server.url,  # type: ignore[attr-defined]
-            "KLEINFARM_S3_ENDPOINT_URL": s3.url,  # type: ignore[attr-defined]
-            "KLEINFARM_S3_ACCESS_KEY_ID": S3Server.access_key,
-            "KLEINFARM_S3_SECRET_ACCESS_KEY": S3Server.secret_key,
-            "KLEINFARM_S3_BUCKET": BUCKET,
-        }
-        settings = FarmSettings(**{key.removeprefix("KLEINFARM_").lower(): value for key, value in direct.items()})
+        proxy = stack.enter_context(CuttableProxy(("127.0.0.1", s3.port)))
+        direct = service_env(redis_server, s3, BUCKET)
+        settings = settings_of(direct)
         Storage.from_settings(settings).ensure_bucket()
         worker_env = {
             **direct,
             "KLEINFARM_S3_ENDPOINT_URL": proxy.url,  # only the workers go through the proxy
-            "KLEINFARM_MODEL": model or _tiny_model(work),
+            "KLEINFARM_MODEL": model or tiny_model(work),
             "KLEINFARM_CACHE_DIR": str(work / "cache"),
             "KLEINFARM_HEARTBEAT_S": "0.5",
             "KLEINFARM_WORKER_LAPSE_S": "3",
@@ -114,12 +107,6 @@ def chaos_farm(plan: ChaosPlan, model: str | None, work: Path) -> Iterator[Farm]
         stack.callback(farm.stop)
         farm.wait_registered([farm.start_worker() for _ in range(plan.workers)])
         yield farm
-
-
-def _tiny_model(work: Path) -> str:
-    from kleinfarm.worker.engine.random_model import make_tiny_model
-
-    return str(make_tiny_model(work / "tiny-model"))
 
 
 def chaos_campaign(plan: ChaosPlan) -> tuple[Campaign, set[str]]:

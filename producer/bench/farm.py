@@ -30,7 +30,7 @@ from rich.console import Console
 
 from kleinfarm.producer.client import FarmClient
 from kleinfarm.producer.localfarm.processes import Processes
-from kleinfarm.producer.localfarm.services import RedisServer, S3Server
+from kleinfarm.producer.localfarm.services import RedisServer, S3Server, service_env, settings_of, tiny_model
 from kleinfarm.shared.errors import FarmTimeoutError
 from kleinfarm.shared.jobs import Campaign
 from kleinfarm.shared.registry import Registry
@@ -219,13 +219,9 @@ def run(plan: FarmPlan, say: Callable[[dict[str, Any]], None] | None = None) -> 
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kleinfarm-bench-farm-")))
         redis_server = stack.enter_context(RedisServer())
         s3 = stack.enter_context(S3Server())
-        model = plan.model or _tiny_model(work)
+        model = plan.model or tiny_model(work)
         farm_env = {
-            "KLEINFARM_REDIS_URL": redis_server.url,  # type: ignore[attr-defined]
-            "KLEINFARM_S3_ENDPOINT_URL": s3.url,  # type: ignore[attr-defined]
-            "KLEINFARM_S3_ACCESS_KEY_ID": S3Server.access_key,
-            "KLEINFARM_S3_SECRET_ACCESS_KEY": S3Server.secret_key,
-            "KLEINFARM_S3_BUCKET": BUCKET,
+            **service_env(redis_server, s3, BUCKET),
             "KLEINFARM_MODEL": model,
             "KLEINFARM_CACHE_DIR": str(work / "cache"),
             "KLEINFARM_REFERENCE_BUCKETS": BUCKET,
@@ -238,11 +234,8 @@ def run(plan: FarmPlan, say: Callable[[dict[str, Any]], None] | None = None) -> 
         ours = run_kleinfarm(plan, farm_env, jobs, work)
         emit(ours)
         plain_env = {
-            "PLAIN_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/1",  # type: ignore[attr-defined]
-            "PLAIN_S3_ENDPOINT_URL": s3.url,  # type: ignore[attr-defined]
-            "PLAIN_S3_ACCESS_KEY_ID": S3Server.access_key,
-            "PLAIN_S3_SECRET_ACCESS_KEY": S3Server.secret_key,
-            "PLAIN_S3_BUCKET": BUCKET,
+            **service_env(redis_server, s3, BUCKET, prefix="PLAIN_"),
+            "PLAIN_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/1",  # a database of its own
             "PLAIN_MODEL": model,
         }
         theirs = run_plain(plan, plain_env, jobs, work)
@@ -253,14 +246,3 @@ def run(plan: FarmPlan, say: Callable[[dict[str, Any]], None] | None = None) -> 
     summary["all_rendered"] = ours["not_rendered"] == 0 and theirs["not_rendered"] == 0
     emit({"summary": summary})
     return summary
-
-
-def settings_of(env: dict[str, str]) -> FarmSettings:
-    """The settings a process given ``env`` reads (and nothing from this process's own environment)."""
-    return FarmSettings.model_validate({key.removeprefix("KLEINFARM_").lower(): value for key, value in env.items()})
-
-
-def _tiny_model(work: Path) -> str:
-    from kleinfarm.worker.engine.random_model import make_tiny_model
-
-    return str(make_tiny_model(work / "tiny-model"))

@@ -16,7 +16,7 @@ def bench_submit(jobs: int, redis_url: str | None, references: int) -> dict[str,
     """Validate and submit ``jobs`` edit jobs; time each half. Starts a redis-server if no URL."""
     with ExitStack() as stack:
         if redis_url is None:
-            redis_url = stack.enter_context(RedisServer()).url  # type: ignore[attr-defined]
+            redis_url = stack.enter_context(RedisServer()).url
         client = FarmClient(FarmSettings(redis_url=redis_url))
         refs = [f"s3://products/photo-{index}.png" for index in range(references)]
         raw = [{"prompt": f"product {i} on a white background", "width": 1024, "height": 1024} for i in range(jobs)]

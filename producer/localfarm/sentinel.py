@@ -26,27 +26,27 @@ DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000
 
 
-class RedisReplica(RedisServer):
-    """``redis-server`` replicating ``master``."""
-
-    name = "redis-replica"
+class _FollowsMaster(RedisServer):
+    """A ``redis-server`` that follows ``master``: a replica or a Sentinel."""
 
     def __init__(self, master: RedisServer) -> None:
         super().__init__()
         self.master = master
+
+
+class RedisReplica(_FollowsMaster):
+    """``redis-server`` replicating ``master``."""
+
+    name = "redis-replica"
 
     def command(self) -> list[str]:
         return [*super().command(), "--replicaof", "127.0.0.1", str(self.master.port)]
 
 
-class RedisSentinel(RedisServer):
+class RedisSentinel(_FollowsMaster):
     """``redis-server --sentinel`` watching ``master`` under ``MASTER_NAME`` (it answers PING as a server does)."""
 
     name = "redis-sentinel"
-
-    def __init__(self, master: RedisServer) -> None:
-        super().__init__()
-        self.master = master
 
     def command(self) -> list[str]:
         binary = shutil.which("redis-server")

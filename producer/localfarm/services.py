@@ -19,8 +19,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from kleinfarm.shared.errors import ConfigError
+from kleinfarm.shared.settings import FarmSettings
 
 START_TIMEOUT_S = 30.0
 # A free port can be taken by another process between the probe and the server's bind: the
@@ -86,7 +88,7 @@ class ChildService:
     def ready(self) -> bool:
         raise NotImplementedError
 
-    def start(self) -> ChildService:
+    def start(self) -> Self:
         """Start the server; if it dies while starting (its port taken meanwhile), on a new port."""
         for attempt in range(1, START_ATTEMPTS + 1):
             with (self.workdir / f"{self.name}.log").open("ab") as log:
@@ -123,7 +125,7 @@ class ChildService:
                 self.process.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> ChildService:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
@@ -180,3 +182,30 @@ class S3Server(ChildService):
                 return True
         except (urllib.error.URLError, OSError):
             return False
+
+
+def service_env(redis: RedisServer, s3: S3Server, bucket: str, prefix: str = "KLEINFARM_") -> dict[str, str]:
+    """The variables that point a farm's processes at these servers (``prefix``: whose variables)."""
+    return {
+        f"{prefix}REDIS_URL": redis.url,
+        f"{prefix}S3_ENDPOINT_URL": s3.url,
+        f"{prefix}S3_ACCESS_KEY_ID": s3.access_key,
+        f"{prefix}S3_SECRET_ACCESS_KEY": s3.secret_key,
+        f"{prefix}S3_BUCKET": bucket,
+    }
+
+
+def settings_of(env: dict[str, str]) -> FarmSettings:
+    """The settings a process given ``env`` reads from its KLEINFARM_* variables, and nothing from
+    this process's own environment."""
+    prefix = "KLEINFARM_"
+    return FarmSettings.model_validate(
+        {key.removeprefix(prefix).lower(): value for key, value in env.items() if key.startswith(prefix)}
+    )
+
+
+def tiny_model(work: Path) -> str:
+    """The tiny random model, written under ``work`` (a benchmark's default model)."""
+    from kleinfarm.worker.engine.random_model import make_tiny_model
+
+    return str(make_tiny_model(work / "tiny-model"))
