@@ -157,8 +157,15 @@ class FarmState:
 
     def server_time(self) -> float:
         """Now, by the Redis server's clock: the one clock every machine of the farm agrees on."""
-        seconds, micros = self.redis.time()  # type: ignore[misc]
-        return float(seconds) + float(micros) / 1e6
+        return seconds_of(self.redis.time())
+
+    def server_time_and_submitted(self) -> tuple[float, int]:
+        """The Redis clock and how many jobs were ever submitted (``keys.SEQUENCE``), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.get(keys.SEQUENCE)
+        now, sequence = pipe.execute()
+        return seconds_of(now), int(sequence or 0)
 
     def last_transition_age(self, campaign_id: str) -> float | None:
         """Seconds since a job of the campaign last changed state, by the Redis server's clock."""
@@ -335,3 +342,9 @@ def _cancel_reason(requested: str | None, failed: str | None) -> str | None:
     if requested != "1":
         return None
     return f"campaign failed: {failed}" if failed else "campaign cancelled"
+
+
+def seconds_of(reply: Any) -> float:
+    """Redis ``TIME``'s reply (seconds, microseconds) as seconds."""
+    seconds, micros = reply
+    return float(seconds) + float(micros) / 1e6

@@ -146,8 +146,12 @@ def choose_route(
     held = held_routes(worker, pending, top)
     window = [route for route in pending.window() if pending.head_priority(route) == top]
     if catchup is not None:
-        steal = last_resort(window, pending, holders, fair_ms)
-        pick = catchup.choose(pending, holders, workers, fair_ms, held, window, None if steal is None else steal.route)
+
+        def steal() -> str | None:  # asked only when nothing older is due
+            take = last_resort(window, pending, holders, fair_ms)
+            return None if take is None else take.route
+
+        pick = catchup.choose(pending, holders, workers, fair_ms, held, window, steal)
         return None if pick is None else Take(pick.route)
     if held:
         # Ties by name: a set's iteration order changes with PYTHONHASHSEED, and results must not.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from kleinfarm.shared.routing.pending import PendingIndex, PendingJob
@@ -111,10 +111,10 @@ class CatchUp:
         fair_ms: float,
         held: list[str],
         window: list[str | None],
-        steal: str | None,
+        steal: Callable[[], str | None],
     ) -> Pick | None:
         """What a worker holding ``held`` takes while the farm catches up (rules 1-3 above), from the
-        sets of ``window``; ``steal``: the affinity policy's last resort. None: nothing."""
+        sets of ``window``; ``steal``: the affinity policy's last resort, asked last. None: nothing."""
         oldest = oldest_submitted(index.queues[route][0] for route in window)
         if oldest is not None:
             recent = [route for route in held if _head_submitted(index, route) <= oldest + JUMP_S]
@@ -129,8 +129,9 @@ class CatchUp:
         ]
         if due:
             return Pick(min(due, key=lambda route: order.head[route]))
-        if steal is not None:
-            return Pick(steal)
+        stolen = steal()
+        if stolen is not None:
+            return Pick(stolen)
         if held:
             return Pick(max(held, key=lambda route: (index.backlog_ms[route], route)))
         return None

@@ -185,18 +185,16 @@ def build_pipeline(
 
 def make_tiny_model(folder: Path, seed: int = 0, kv: bool = True) -> Path:
     """Write the tiny pipeline to ``folder`` with ``save_pretrained``; return the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    build_pipeline(TINY_SHAPE, kv=kv, seed=seed).save_pretrained(str(folder))
-    return folder
+    return make_random_model(folder, TINY_SHAPE, seed=seed, kv=kv)
 
 
-def make_random_model(folder: Path, shape: PipelineShape, device: str = "cpu", seed: int = 0) -> Path:
+def make_random_model(folder: Path, shape: PipelineShape, device: str = "cpu", seed: int = 0, kv: bool = True) -> Path:
     """Write a random pipeline of ``shape`` to ``folder``: fp32 on a CPU, bf16 on a card (the full
     shape is ~34 GB in bf16, built on the card and written from there). Loaded back with
     ``from_pretrained`` it stands in for the real checkpoint (same classes, same shapes)."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    build_pipeline(shape, device=device, dtype=dtype, seed=seed).save_pretrained(str(folder))
+    build_pipeline(shape, device=device, dtype=dtype, kv=kv, seed=seed).save_pretrained(str(folder))
     return folder
 
 

@@ -187,7 +187,7 @@ class Dispatcher:
     def _round(self, job_ids: list[str], views: dict[str, WorkerView]) -> Round:
         """The policy's whole input: the queue's head, the workers, who holds what, who is kept off what,
         and the clock and submitted-jobs count its catch-up rule goes by."""
-        now_s, submitted = self._clock()
+        now_s, submitted = self.state.server_time_and_submitted()
         created = self._submit_times({keys.campaign_of(job_id) for job_id in job_ids})
         pending_jobs = []
         for job_id, info in zip(job_ids, self.state.routing(job_ids), strict=True):
@@ -224,14 +224,6 @@ class Dispatcher:
         return Round(
             PendingIndex(pending_jobs), workers, holders, exclusions=exclusions, now_s=now_s, submitted_jobs=submitted
         )
-
-    def _clock(self) -> tuple[float, int]:
-        """Now by the Redis clock (campaigns' submit times are too), and jobs ever submitted."""
-        pipe = self.state.redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.get(keys.SEQUENCE)
-        (seconds, micros), sequence = pipe.execute()
-        return float(seconds) + float(micros) / 1e6, int(sequence or 0)
 
     def _submit_times(self, campaigns: set[str]) -> dict[str, float]:
         """Each campaign's submit time, read once (it never changes); unknown ones are left out."""
